@@ -1,0 +1,94 @@
+"""Checkpoint import from the released code, export of a plain torchvision student,
+and atomic saving."""
+import os
+import re
+import tempfile
+
+import torch
+
+_GL_KEY = re.compile(r"gl_proj\.layers\.fc_layer_(\d+)\.(weight|bias)$")
+_PROJECTOR_PREFIXES = ("pca_proj.", "gl_proj.", "cls_proj.")
+
+
+def _strip_prefix(state_dict, prefix="module."):
+    if all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix) :]: value for key, value in state_dict.items()}
+    return dict(state_dict)
+
+
+def split_reference_state_dict(state_dict):
+    """Split the released ``checkpoint["model"]`` into our layout.
+
+    Returns ``(student, projectors)``: the torchvision student's keys as they are, and
+    the projector keys renamed to ``StudentWithProjectors`` (the 16 group Linears stacked
+    into ``gl_proj.weight`` / ``gl_proj.bias``; the never-used ``pca_proj.to_out`` dropped).
+    """
+    state_dict = _strip_prefix(state_dict)
+    student = {k: v for k, v in state_dict.items() if not k.startswith(_PROJECTOR_PREFIXES)}
+    projectors = {}
+    groups = {}
+    for key, value in state_dict.items():
+        if key.startswith("pca_proj.to_out."):
+            continue
+        match = _GL_KEY.match(key)
+        if match:
+            groups.setdefault(match.group(2), {})[int(match.group(1))] = value
+        elif key.startswith(_PROJECTOR_PREFIXES):
+            projectors[key] = value
+    for kind, by_index in groups.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ValueError(f"released checkpoint has gaps in gl_proj.layers.fc_layer_*.{kind}: {sorted(by_index)}")
+        projectors[f"gl_proj.{kind}"] = torch.stack([by_index[i] for i in range(len(by_index))])
+    return student, projectors
+
+
+def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=None):
+    """Load the released layout into ``distiller`` (student strictly; projectors where it has them)."""
+    student, projectors = split_reference_state_dict(state_dict)
+    try:
+        distiller.student.load_state_dict(student, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise ValueError(
+            f"checkpoint does not fit the {type(distiller.student).__name__} student "
+            f"({' '.join(line.strip() for line in first[1:3])}): check --student and the class count"
+        ) from None
+    trainable = distiller.trainable
+    if trainable.pca_proj is not None:
+        expected = {k for k in trainable.state_dict() if k.startswith(_PROJECTOR_PREFIXES)}
+        if set(projectors) != expected:
+            raise ValueError(
+                f"checkpoint projector keys {sorted(projectors)} do not match this distiller's {sorted(expected)}"
+            )
+        trainable.load_state_dict({**{"student." + k: v for k, v in student.items()}, **projectors}, strict=True)
+    if discriminator_state_dict is not None:
+        if distiller.discriminator is None:
+            raise ValueError("a discriminator state was given but this recipe has no discriminator")
+        distiller.discriminator.load_state_dict(_strip_prefix(discriminator_state_dict), strict=True)
+
+
+def export_student(model):
+    """The student alone as a plain torchvision state dict (loads with ``strict=True``).
+
+    ``model``: a distiller, a ``StudentWithProjectors``, or the student module itself.
+    """
+    student = getattr(model, "student", model)
+    return {key: value.detach().clone() for key, value in student.state_dict().items()}
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated checkpoint behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,114 @@
+"""Projectors that turn student features into teacher-shaped targets.
+
+Released forms (see ``reference.md``): the attention projector maps student tokens to
+head-mean q k^T and v v^T score maps; the group-wise linear projector gives each
+window of tokens its own Linear; the token projector maps the pooled feature to the
+teacher's class token.
+"""
+import math
+
+import torch
+from torch import nn
+
+from .taps import head_mean_scores
+
+
+class AttentionProjector(nn.Module):
+    """Released "partially cross attention projector": one bias-free Linear to q, k, v.
+
+    Returns ``(attn_qk, attn_vv)``, both ``mean_h(x_h y_h^T) * head_dim**-0.5`` before
+    softmax. The released module's unused output projection is left out (it never
+    received a gradient); :func:`cakd.checkpoint` drops its keys on import.
+    """
+
+    def __init__(self, in_dim: int, num_heads: int = 16, head_dim: int = 64):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.to_qkv = nn.Linear(in_dim, 3 * num_heads * head_dim, bias=False)
+
+    def forward(self, tokens):
+        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
+        attn_qk = head_mean_scores(q, k, self.num_heads, self.scale)
+        attn_vv = head_mean_scores(v, v, self.num_heads, self.scale)
+        return attn_qk, attn_vv
+
+
+def window_groups(grid: int, window: int = 4):
+    """Token indices (row-major on the grid) of each window, windows numbered row-major.
+
+    ``ceil(grid / window)`` windows a side; those on the bottom and right edge are smaller.
+    """
+    per_side = math.ceil(grid / window)
+    groups = []
+    for window_row in range(per_side):
+        for window_col in range(per_side):
+            rows = range(window_row * window, min((window_row + 1) * window, grid))
+            cols = range(window_col * window, min((window_col + 1) * window, grid))
+            groups.append([r * grid + c for r in rows for c in cols])
+    return groups
+
+
+class GroupwiseLinearProjector(nn.Module):
+    """One ``Linear(in_dim, out_dim)`` per window of tokens (16 on a 14x14 grid).
+
+    Weights are stored stacked, ``weight`` (G, out, in) and ``bias`` (G, out), each group
+    initialised like its own ``nn.Linear``. ``batched=True`` runs all groups as one
+    ``baddbmm`` over windows padded to the largest size; ``batched=False`` loops over
+    groups. Both give the same numbers; the batched form is the faster one.
+    """
+
+    def __init__(self, grid: int, in_dim: int, out_dim: int, window: int = 4, batched: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.grid = grid
+        self.batched = batched
+        groups = window_groups(grid, window)
+        self.num_groups = len(groups)
+        self.weight = nn.Parameter(torch.empty(self.num_groups, out_dim, in_dim))
+        self.bias = nn.Parameter(torch.empty(self.num_groups, out_dim))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for g in range(self.num_groups):
+            layer = nn.Linear(in_dim, out_dim)
+            with torch.no_grad():
+                self.weight[g].copy_(layer.weight)
+                self.bias[g].copy_(layer.bias)
+        size = max(len(tokens) for tokens in groups)
+        order = [token for tokens in groups for token in tokens]
+        # batched form: padded slot (g, s) -> token (padding repeats the group's first token),
+        # and token -> its slot g * size + s
+        padded = [tokens + tokens[:1] * (size - len(tokens)) for tokens in groups]
+        slot = torch.empty(grid * grid, dtype=torch.long)
+        for g, tokens in enumerate(groups):
+            slot[torch.tensor(tokens)] = g * size + torch.arange(len(tokens))
+        self.register_buffer("padded_index", torch.tensor(padded).flatten(), persistent=False)
+        self.register_buffer("slot_index", slot, persistent=False)
+        # loop form: tokens in group order, and back
+        self.register_buffer("order_index", torch.tensor(order), persistent=False)
+        self.register_buffer("unorder_index", torch.argsort(torch.tensor(order)), persistent=False)
+        self.group_sizes = [len(tokens) for tokens in groups]
+        self.window_size = size
+
+    def forward(self, tokens):
+        tokens = self.dropout(tokens)
+        if self.batched:
+            return self._forward_batched(tokens)
+        return self._forward_loop(tokens)
+
+    def _forward_batched(self, tokens):
+        batch, _, in_dim = tokens.shape
+        groups, size = self.num_groups, self.window_size
+        # (B, G*S, C) -> (G, B*S, C): each group's tokens in one block of rows
+        windows = tokens.index_select(1, self.padded_index).view(batch, groups, size, in_dim)
+        windows = windows.transpose(0, 1).reshape(groups, batch * size, in_dim)
+        out = torch.baddbmm(self.bias.unsqueeze(1), windows, self.weight.transpose(1, 2))
+        out = out.view(groups, batch, size, -1).transpose(0, 1).reshape(batch, groups * size, -1)
+        return out.index_select(1, self.slot_index)
+
+    def _forward_loop(self, tokens):
+        chunks = tokens.index_select(1, self.order_index).split(self.group_sizes, dim=1)
+        outs = [nn.functional.linear(chunk, self.weight[g], self.bias[g]) for g, chunk in enumerate(chunks)]
+        return torch.cat(outs, dim=1).index_select(1, self.unorder_index)
+
+    def extra_repr(self):
+        return f"grid={self.grid}, groups={self.num_groups}, in={self.weight.shape[2]}, out={self.weight.shape[1]}"

@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cakd",
+    version="0.1.0",
+    description="Cross-Architecture Knowledge Distillation (Liu et al., ACCV 2022), monkeypatch-free",
+    packages=find_packages(include=["cakd", "cakd.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["cakd-train=cakd.train:main"]},
+)
