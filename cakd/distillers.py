@@ -122,7 +122,9 @@ class Distiller(nn.Module):
         object.__setattr__(self, "_student_runner", runner)
 
     def run_student(self, images):
-        return (self._student_runner or self.trainable)(images)
+        out = (self._student_runner or self.trainable)(images)
+        self.last_logits = out["logits"].detach()  # for training accuracy, no extra forward
+        return out
 
     def run_teacher(self, images):
         teacher = self._teacher

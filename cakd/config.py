@@ -1,0 +1,195 @@
+"""Command line and YAML: a YAML file is a saved command line.
+
+Flags keep the names, defaults and meaning of the released scripts (a fork of
+torchvision's ``references/classification/train.py``); a ``--config FILE.yaml`` holds the
+same names (``lr_warmup_epochs`` or ``lr-warmup-epochs``) and the command line wins over
+it. The distiller's numbers (loss weights, lambda ramp, quirk switches) are flags too,
+generated from the recipe config dataclasses, so each has one source of truth.
+"""
+import argparse
+import dataclasses
+import os
+
+import yaml
+
+from .distillers import DISTILLERS, CAKDConfig
+from .models import STUDENTS, TEACHERS
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _optional_str(value):
+    return None if value is None or str(value).lower() in ("", "none", "null") else value
+
+
+def distiller_option_fields():
+    """The config fields of every recipe, except label smoothing (a recipe-wide flag)."""
+    seen = {}
+    for recipe in DISTILLERS.values():
+        for field in dataclasses.fields(recipe.config_class):
+            if field.name != "label_smoothing":
+                seen.setdefault(field.name, field)
+    return list(seen.values())
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Cross-architecture knowledge distillation training", add_help=add_help)
+    p.add_argument("--config", default=None, type=str, help="YAML file of flag values (the command line wins)")
+
+    g = p.add_argument_group("recipe and models")
+    g.add_argument("--recipe", default="cakd", choices=sorted(DISTILLERS), help="baseline, logits or cakd")
+    g.add_argument("--model", "--student", default="resnet50", dest="model", choices=STUDENTS, help="student model")
+    g.add_argument("--teacher", default="vit_b_16", choices=TEACHERS, help="teacher model")
+    g.add_argument(
+        "--teacher-weights",
+        default="IMAGENET1K_V1",
+        type=str,
+        help="torchvision weights enum member (cached download), a local .pth file, or none (random, smoke runs only)",
+    )
+    g.add_argument("--weights", default=None, type=_optional_str, help="student weights to evaluate with --test-only")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str, help="dataset path")
+    g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "synthetic"], help="data source")
+    g.add_argument("--synthetic-size", default=1024, type=int, help="training images of --dataset synthetic")
+    g.add_argument("--num-classes", default=None, type=int, help="classes of --dataset synthetic (default 1000)")
+    g.add_argument("-b", "--batch-size", default=32, type=int, help="images per gpu, the total batch size is $NGPU x batch_size")
+    g.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="number of data loading workers per process")
+    g.add_argument("--cache-dataset", action="store_true", help="cache the datasets (and their transforms) for quicker start")
+    g.add_argument("--interpolation", default="bilinear", type=str, help="the interpolation method")
+    g.add_argument("--val-resize-size", default=256, type=int, help="the resize size used for validation")
+    g.add_argument("--val-crop-size", default=224, type=int, help="the central crop size used for validation")
+    g.add_argument("--train-crop-size", default=224, type=int, help="the random crop size used for training")
+    g.add_argument("--auto-augment", default=None, type=_optional_str, help="auto augment policy: ta_wide, ra, augmix, imagenet, ...")
+    g.add_argument("--ra-magnitude", default=9, type=int, help="magnitude of auto augment policy ra")
+    g.add_argument("--augmix-severity", default=3, type=int, help="severity of auto augment policy augmix")
+    g.add_argument("--random-erase", default=0.0, type=float, help="random erasing probability")
+    g.add_argument("--mixup-alpha", default=0.0, type=float, help="mixup alpha")
+    g.add_argument("--cutmix-alpha", default=0.0, type=float, help="cutmix alpha")
+    g.add_argument("--ra-sampler", action="store_true", help="use the repeated augmentation sampler")
+    g.add_argument("--ra-reps", default=3, type=int, help="number of repetitions for the repeated augmentation sampler")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", default=90, type=int, metavar="N", help="number of total epochs to run")
+    g.add_argument("--opt", default="sgd", type=str, help="optimizer: sgd, sgd_nesterov, rmsprop, adamw")
+    g.add_argument("--lr", default=0.1, type=float, help="initial learning rate")
+    g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")
+    g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay", help="weight decay")
+    g.add_argument("--norm-weight-decay", default=None, type=float, help="weight decay for normalization layers (default: --wd)")
+    g.add_argument("--bias-weight-decay", default=None, type=float, help="weight decay for bias parameters (default: --wd)")
+    g.add_argument(
+        "--transformer-embedding-decay", default=None, type=float, help="weight decay for embedding parameters (default: --wd)"
+    )
+    g.add_argument("--label-smoothing", default=0.0, type=float, help="label smoothing")
+    g.add_argument("--lr-scheduler", default="steplr", type=str, help="steplr, cosineannealinglr or exponentiallr")
+    g.add_argument("--lr-warmup-epochs", default=0, type=int, help="the number of epochs to warmup")
+    g.add_argument("--lr-warmup-method", default="constant", type=str, help="the warmup method: constant or linear")
+    g.add_argument("--lr-warmup-decay", default=0.01, type=float, help="the decay for lr")
+    g.add_argument("--lr-step-size", default=30, type=int, help="decrease lr every step-size epochs")
+    g.add_argument("--lr-gamma", default=0.1, type=float, help="decrease lr by a factor of lr-gamma")
+    g.add_argument("--lr-min", default=0.0, type=float, help="minimum lr of the cosine schedule")
+    g.add_argument("--clip-grad-norm", default=None, type=float, help="the maximum gradient norm (student)")
+    g.add_argument("--model-ema", action="store_true", help="track an exponential moving average of the student")
+    g.add_argument("--model-ema-steps", default=32, type=int, help="iterations between EMA updates")
+    g.add_argument("--model-ema-decay", default=0.99998, type=float, help="EMA decay factor")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cuda", type=str, help="cuda or cpu")
+    g.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="float16 (with GradScaler) or bfloat16")
+    g.add_argument("--channels-last", action="store_true", help="student and teacher in channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    g.add_argument("--sync-bn", action="store_true", help="use sync batch norm in the student")
+    g.add_argument("--use-deterministic-algorithms", action="store_true", help="forces the use of deterministic algorithms only")
+    g.add_argument("--seed", default=0, type=int, help="seed of weights, sampler and augmentation")
+    g.add_argument("--print-freq", default=10, type=int, help="print frequency (iterations)")
+    g.add_argument("--output-dir", default=".", type=str, help="path to save outputs")
+    g.add_argument("--resume", default="", type=str, help="path of checkpoint")
+    g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
+    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
+    g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")
+    g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
+    g.add_argument("--world-size", default=1, type=int, help="number of distributed processes (set by torchrun)")
+    g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
+
+    g = p.add_argument_group("distiller", "loss weights and switches; unset means the recipe's released value")
+    for field in distiller_option_fields():
+        kind = _bool if field.type in (bool, "bool") else (int if field.type in (int, "int") else float)
+        g.add_argument(
+            "--" + field.name.replace("_", "-"), default=None, type=kind, help=f"released: {field.default!r}"
+        )
+    return p
+
+
+def _known_keys(parser):
+    keys = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        keys[action.dest] = action
+        for option in action.option_strings:
+            keys[option.lstrip("-").replace("-", "_")] = action
+    return keys
+
+
+def load_yaml(path, parser):
+    """YAML values as parser defaults, keyed by dest. Unknown keys are an error."""
+    if not os.path.isfile(path):
+        parser.error(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            parser.error(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}")
+    if not isinstance(data, dict):
+        parser.error(f"config file {path} must be a mapping of flag names to values")
+    known = _known_keys(parser)
+    unknown = sorted(key for key in data if str(key).replace("-", "_") not in known)
+    if unknown:
+        parser.error(f"config file {path} has unknown key(s) {', '.join(map(str, unknown))}: keys are the flags' names")
+    defaults = {}
+    for key, value in data.items():
+        action = known[str(key).replace("-", "_")]
+        if isinstance(value, str) and action.type is not None:
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"config file {path}: {key}={value!r} is not one of {', '.join(map(str, action.choices))}")
+        defaults[action.dest] = value
+    return defaults
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def distiller_overrides(args):
+    """The distiller options set on the command line or in YAML, plus label smoothing."""
+    overrides = {f.name: getattr(args, f.name) for f in distiller_option_fields() if getattr(args, f.name) is not None}
+    overrides["label_smoothing"] = args.label_smoothing
+    return overrides
+
+
+def save_config(args, path):
+    """The effective configuration, loadable again with ``--config``."""
+    skip = {"config", "distributed", "rank", "gpu"}
+    data = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def disc_lr_factor(args):
+    return args.disc_lr_factor if args.disc_lr_factor is not None else CAKDConfig.disc_lr_factor

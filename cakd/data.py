@@ -1,0 +1,477 @@
+"""Datasets, presets, samplers and loaders: torchvision's classification reference recipe
+(``references/classification``), written with ``torchvision.transforms.v2``.
+
+Nothing here prints; the caller logs.
+"""
+import hashlib
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data.dataloader import default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
+
+
+class DataError(Exception):
+    """A problem with the data on disk, told in one line: what is wrong and what to do.
+
+    A DataLoader worker's error comes back to the main process as
+    ``DataError("Caught DataError in DataLoader worker ...<traceback>...cakd.data.DataError: <line>")``;
+    the module-qualified prefix is taken off that last line so it reads as the one clear line.
+    """
+
+    def __init__(self, message=""):
+        message = str(message).rstrip()
+        lines = message.splitlines()
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if len(lines) > 1 and lines[-1].startswith(prefix):
+            lines[-1] = lines[-1][len(prefix) :]
+            message = "\n".join(lines)
+        super().__init__(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------
+class ClassificationPresetTrain:
+    """Training transform of the reference recipe: PIL image in, normalized (3, crop, crop) float out."""
+
+    def __init__(
+        self,
+        crop_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        interpolation=InterpolationMode.BILINEAR,
+        hflip_prob=0.5,
+        auto_augment_policy=None,
+        ra_magnitude=9,
+        augmix_severity=3,
+        random_erase_prob=0.0,
+    ):
+        transforms = [v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
+        if hflip_prob > 0:
+            transforms.append(v2.RandomHorizontalFlip(hflip_prob))
+        if auto_augment_policy is not None:
+            if auto_augment_policy == "ra":
+                transforms.append(v2.RandAugment(interpolation=interpolation, magnitude=ra_magnitude))
+            elif auto_augment_policy == "ta_wide":
+                transforms.append(v2.TrivialAugmentWide(interpolation=interpolation))
+            elif auto_augment_policy == "augmix":
+                transforms.append(v2.AugMix(interpolation=interpolation, severity=augmix_severity))
+            else:
+                policy = v2.AutoAugmentPolicy(auto_augment_policy)
+                transforms.append(v2.AutoAugment(policy=policy, interpolation=interpolation))
+        transforms += [
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=mean, std=std),
+        ]
+        if random_erase_prob > 0:
+            transforms.append(v2.RandomErasing(p=random_erase_prob))
+        self.transforms = v2.Compose(transforms)
+
+    def __call__(self, img):
+        return self.transforms(img)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.transforms})"
+
+
+class ClassificationPresetEval:
+    """Evaluation transform: resize the short side, center crop, normalize."""
+
+    def __init__(
+        self,
+        crop_size,
+        resize_size=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        interpolation=InterpolationMode.BILINEAR,
+    ):
+        self.transforms = v2.Compose(
+            [
+                v2.Resize(resize_size, interpolation=interpolation, antialias=True),
+                v2.CenterCrop(crop_size),
+                v2.PILToTensor(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean=mean, std=std),
+            ]
+        )
+
+    def __call__(self, img):
+        return self.transforms(img)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.transforms})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+def load_image(path):
+    """PIL loader that names the file when it cannot be decoded, instead of a bare PIL error."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # convert() decodes, so truncated files fail here too
+    except (OSError, SyntaxError, ValueError) as error:
+        detail = " ".join(str(error).split())
+        raise DataError(
+            f"cannot read image {path} ({type(error).__name__}: {detail}): remove or replace the file"
+        ) from None
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder whose unreadable images raise :class:`DataError` with the path."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform, loader=load_image)
+
+
+class SyntheticImageDataset(torch.utils.data.Dataset):
+    """Random normalized images for smoke and throughput runs; item ``i`` is the same on every call."""
+
+    def __init__(self, num_samples, num_classes, image_size, seed=0):
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.seed = seed
+        self.classes = [f"class_{k}" for k in range(num_classes)]
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        image = torch.randn(3, self.image_size, self.image_size, generator=g)
+        return image, index % self.num_classes
+
+
+def _class_folders(split_dir):
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def _empty_class_folders(split_dir, classes):
+    def has_image(folder):
+        for _, _, files in os.walk(folder, followlinks=True):
+            if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
+                return True
+        return False
+
+    return [name for name in classes if not has_image(os.path.join(split_dir, name))]
+
+
+def _check_layout(data_path):
+    """Check DATA/{train,val}/<class>/ without listing the images; returns (train_dir, val_dir)."""
+    if not data_path:
+        raise DataError(
+            "no data path given: pass --data-path pointing at a folder with train/ and val/ (or use --dataset synthetic)"
+        )
+    if not os.path.isdir(data_path):
+        what = "is not a folder" if os.path.exists(data_path) else "does not exist"
+        raise DataError(
+            f"data path {data_path} {what}: pass --data-path pointing at a folder with train/ and val/ "
+            "(or use --dataset synthetic)"
+        )
+    dirs = []
+    for split in ("train", "val"):
+        split_dir = os.path.join(data_path, split)
+        if not os.path.isdir(split_dir):
+            raise DataError(f"{data_path} has no {split}/ folder: {_LAYOUT}")
+        if not _class_folders(split_dir):
+            raise DataError(f"{split_dir} has no class folders: {_LAYOUT}")
+        dirs.append(split_dir)
+    train_dir, val_dir = dirs
+    train_classes, val_classes = _class_folders(train_dir), _class_folders(val_dir)
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise DataError(
+            f"class folders of {train_dir} and {val_dir} differ "
+            f"(only in train: {_few(only_train)}; only in val: {_few(only_val)}): "
+            "both splits need the same <class> folders, since labels are their sorted order"
+        )
+    return train_dir, val_dir
+
+
+def _few(names, limit=5):
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _cache_path(folder):
+    digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()
+    return os.path.join(os.path.expanduser("~"), ".torch", "vision", "datasets", "imagefolder", digest[:10] + ".pt")
+
+
+def _save_atomic(obj, path):
+    # Several processes (DDP ranks) may write the same cache; os.replace keeps it whole.
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _image_folder(split_dir, transform, cache):
+    """Build (or load from the reference's cache) an ImageFolder over ``split_dir``."""
+    path = _cache_path(split_dir)
+    if cache and os.path.exists(path):
+        try:
+            dataset = torch.load(path, weights_only=False)
+        except Exception:  # written by an older version, or cut short: rebuild it
+            dataset = None
+        if isinstance(dataset, ImageFolder):
+            # The cache is keyed by the folder only: keep its file list but use today's transform.
+            dataset.transform = transform
+            return dataset
+    try:
+        dataset = ImageFolder(split_dir, transform=transform)
+    except FileNotFoundError:
+        empty = _empty_class_folders(split_dir, _class_folders(split_dir))
+        if not empty:
+            raise
+        raise DataError(
+            f"{split_dir} has class folders with no images ({_few(empty)}): "
+            f"put images ({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the empty ones"
+        ) from None
+    if cache:
+        _save_atomic(dataset, path)
+    return dataset
+
+
+def build_datasets(args):
+    """Return ``(train_dataset, val_dataset, num_classes)`` for ``args.dataset``."""
+    if args.dataset == "synthetic":
+        num_classes = 1000 if args.num_classes is None else args.num_classes
+        train = SyntheticImageDataset(args.synthetic_size, num_classes, args.train_crop_size, seed=0)
+        val = SyntheticImageDataset(max(1, args.synthetic_size // 4), num_classes, args.val_crop_size, seed=1)
+        return train, val, num_classes
+    if args.dataset != "imagefolder":
+        raise ValueError(f"unknown dataset {args.dataset!r}: use 'imagefolder' or 'synthetic'")
+
+    train_dir, val_dir = _check_layout(args.data_path)
+    interpolation = InterpolationMode(args.interpolation)
+    train_transform = ClassificationPresetTrain(
+        crop_size=args.train_crop_size,
+        interpolation=interpolation,
+        auto_augment_policy=args.auto_augment,
+        ra_magnitude=args.ra_magnitude,
+        augmix_severity=args.augmix_severity,
+        random_erase_prob=args.random_erase,
+    )
+    val_transform = ClassificationPresetEval(
+        crop_size=args.val_crop_size, resize_size=args.val_resize_size, interpolation=interpolation
+    )
+    train = _image_folder(train_dir, train_transform, args.cache_dataset)
+    val = _image_folder(val_dir, val_transform, args.cache_dataset)
+    if train.classes != val.classes:  # only a stale cache can get here
+        raise DataError(
+            f"cached class lists of {train_dir} and {val_dir} differ: "
+            f"delete {_cache_path(train_dir)} and {_cache_path(val_dir)} or run without --cache-dataset"
+        )
+    num_classes = len(train.classes)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise DataError(
+            f"--num-classes is {args.num_classes} but {train_dir} has {num_classes} class folders: "
+            "drop --num-classes (it is read from the folders) or fix the data"
+        )
+    return train, val, num_classes
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers and loaders
+# ----------------------------------------------------------------------------------------------
+class RASampler(torch.utils.data.Sampler):
+    """Repeated-augmentation sampler (DeiT; torchvision's classification reference).
+
+    Each index of an epoch's permutation (seeded with ``seed + epoch``) is repeated
+    ``repetitions`` times and the list is dealt out over ``num_replicas`` ranks, so the copies
+    of an image land on different ranks (or next to each other on one rank) and are augmented
+    differently. Each rank has ``num_samples = ceil(len(dataset) * repetitions / num_replicas)``
+    of them but, as in the reference, yields only the first
+    ``num_selected_samples = floor(len(dataset) // 256 * 256 / num_replicas)``: an epoch stays
+    about ``len(dataset)`` images long. Fallback (not in the reference): a dataset under 256
+    images would give 0, so it yields ``ceil(len(dataset) / num_replicas)`` instead and tiny
+    smoke runs still train.
+    """
+
+    def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0, repetitions=3):
+        initialized = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if initialized else 1
+        if rank is None:
+            rank = dist.get_rank() if initialized else 0
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if repetitions < 1:
+            raise ValueError(f"repetitions must be at least 1, got {repetitions}")
+        self.dataset = dataset
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.repetitions = repetitions
+        self.epoch = 0
+        self.num_samples = int(math.ceil(len(dataset) * repetitions / num_replicas))
+        self.total_size = self.num_samples * num_replicas
+        self.num_selected_samples = int(math.floor(len(dataset) // 256 * 256 / num_replicas))
+        if self.num_selected_samples == 0:
+            self.num_selected_samples = int(math.ceil(len(dataset) / num_replicas))
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=g)
+        else:
+            order = torch.arange(len(self.dataset))
+        indices = order.repeat_interleave(self.repetitions).tolist()
+        indices += indices[: self.total_size - len(indices)]  # pad so every rank gets num_samples
+        indices = indices[self.rank : self.total_size : self.num_replicas]
+        return iter(indices[: self.num_selected_samples])
+
+    def __len__(self):
+        return self.num_selected_samples
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Validation indices ``rank::world_size``, in order and without padding: each image is
+    counted exactly once across ranks (DistributedSampler would repeat some to even out)."""
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        initialized = dist.is_available() and dist.is_initialized()
+        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if initialized else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+        self.length = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+class MixupCutmixCollate:
+    """``default_collate`` then MixUp or CutMix (one picked at random per batch): targets become
+    soft (B, num_classes) floats. A class, not a lambda, so spawn-started workers can pickle it."""
+
+    def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not choices:
+            raise ValueError("MixupCutmixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.transform = v2.RandomChoice(choices)
+
+    def __call__(self, batch):
+        return self.transform(*default_collate(batch))
+
+
+def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
+    """Return ``(train_loader, val_loader, train_sampler)``.
+
+    Every train sampler has ``set_epoch`` and an order that is a pure function of
+    ``(args.seed, epoch)`` (a one-replica DistributedSampler when not distributed), so a
+    resumed run sees the same epochs. The loaders keep their default generator: worker seeds
+    come from torch's global RNG, which the trainer restores on resume.
+    """
+    if args.ra_sampler:
+        train_sampler = RASampler(train_dataset, shuffle=True, seed=args.seed, repetitions=args.ra_reps)
+    elif distributed:
+        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed)
+    else:
+        train_sampler = DistributedSampler(train_dataset, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
+    val_sampler = ShardSampler(val_dataset) if distributed else SequentialSampler(val_dataset)
+
+    collate_fn = None
+    if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
+        collate_fn = MixupCutmixCollate(num_classes, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha)
+
+    pin_memory = torch.cuda.is_available()
+    train_loader = DataLoader(
+        train_dataset,
+        batch_size=args.batch_size,
+        sampler=train_sampler,
+        num_workers=args.workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        drop_last=False,
+        persistent_workers=False,
+        worker_init_fn=None,
+    )
+    val_loader = DataLoader(
+        val_dataset,
+        batch_size=args.batch_size,
+        sampler=val_sampler,
+        num_workers=args.workers,
+        pin_memory=pin_memory,
+    )
+    return train_loader, val_loader, train_sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Tools for tests, the quickstart and benchmarks
+# ----------------------------------------------------------------------------------------------
+def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, size=80, seed=0, fmt="JPEG"):
+    """Write a tiny ImageNet-style folder ``root/{train,val}/class_{k}/img_{i}.<fmt>``.
+
+    Images are deterministic noise around a per-class colour, so a tiny run can learn something.
+    """
+    rng = np.random.RandomState(seed)
+    colours = rng.randint(0, 256, size=(num_classes, 3))
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for k in range(num_classes):
+            folder = os.path.join(root, split, f"class_{k}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                noise = rng.randint(-60, 61, size=(size, size, 3))
+                pixels = np.clip(colours[k] + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.{fmt}"), format=fmt)
+    return root
+
+
+def loader_throughput(dataset, workers, batch_size, num_batches, collate_fn=None):
+    """Images per second of a fresh DataLoader over ``num_batches`` batches after one warm-up
+    batch (which pays for worker start-up). Indices wrap around a dataset that is too short."""
+    indices = [i % len(dataset) for i in range((num_batches + 1) * batch_size)]
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_fn)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(batches)
+    seconds = time.perf_counter() - start
+    del batches  # shuts the workers down
+    images_per_s = num_batches * batch_size / seconds if seconds > 0 else float("inf")
+    return {
+        "images_per_s": images_per_s,
+        "images_per_s_per_worker": images_per_s / max(workers, 1),
+        "workers": workers,
+        "batch_size": batch_size,
+        "seconds": seconds,
+    }

@@ -1,0 +1,93 @@
+"""torchrun environment, rank helpers and the few collectives the trainer needs."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed_mode(args):
+    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` from torchrun's env.
+
+    NCCL on CUDA devices, gloo on the CPU. A plain ``python -m cakd.train`` runs as one process.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.distributed = True
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op in one process)."""
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True when ``flag`` is set on any rank: every rank must take the same branch."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_gradients(parameters):
+    """Average the gradients of parameters that are not under DDP (the discriminator),
+    as one flat all-reduce."""
+    if not is_dist():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_gather_object(obj):
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()

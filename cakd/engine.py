@@ -1,0 +1,161 @@
+"""One training epoch and evaluation.
+
+A step follows the released order: discriminator ``zero_grad``, ``L_D.backward``,
+discriminator step, student ``zero_grad``, ``L.backward``, optional clip, student step,
+EMA update every ``model_ema_steps`` iterations (reset to a copy during LR warmup).
+"""
+import contextlib
+import itertools
+import math
+import signal
+import time
+
+import torch
+from torch import nn
+
+from .distributed import any_rank, average_gradients
+from .logging import Accuracy, MetricLogger, TensorMeter, print_main
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a non-finite loss); the message says what to do."""
+
+
+class StopRequest:
+    """Set by SIGTERM; the loop saves a checkpoint and exits at the next agreed iteration."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self):
+        signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def autocast(args, device):
+    if not args.amp:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def backward(loss, scaler, retain_graph=False):
+    (scaler.scale(loss) if scaler is not None else loss).backward(retain_graph=retain_graph)
+
+
+def step(optimizer, scaler):
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
+
+
+def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, args, device):
+    """One released-order update; returns the dict of (still attached) losses."""
+    with autocast(args, device):
+        losses = distiller(images, targets, epoch=epoch)
+    if disc_optimizer is not None:
+        disc_optimizer.zero_grad(set_to_none=True)
+        backward(losses["disc"], scaler, retain_graph=True)
+        average_gradients(distiller.discriminator.parameters())  # D is outside DDP
+        step(disc_optimizer, scaler)
+    optimizer.zero_grad(set_to_none=True)
+    backward(losses["total"], scaler)
+    if args.clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+    step(optimizer, scaler)
+    if scaler is not None:
+        scaler.update()
+    return losses
+
+
+@torch.no_grad()
+def batch_accuracy(logits, targets, topk=(1, 5)):
+    if targets.ndim == 2:
+        targets = targets.argmax(dim=1)
+    k = min(max(topk), logits.shape[1])
+    hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+    return [hits[:, :kk].any(dim=1).float().mean() * 100 for kk in topk]
+
+
+def train_one_epoch(run, epoch, start_step=0):
+    """Train ``run`` (a :class:`cakd.train.Run`) for one epoch from ``start_step``.
+
+    Returns ``(next_step, averages)``: the next step to run if a stop was requested (else
+    None), and the epoch's loss and accuracy averages over all ranks. Loss values are read
+    back from the device only every ``print_freq`` iterations.
+    """
+    args, distiller, device = run.args, run.distiller, run.device
+    distiller.train()
+    logger = MetricLogger()
+    logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
+    logger.add_meter("img/s", TensorMeter(window=10, fmt="{median:.1f}"))
+    lam = distiller.distill_weight(epoch)
+    total = len(run.train_loader) + start_step
+    if args.iters_per_epoch:
+        total = min(total, args.iters_per_epoch)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    header = f"Epoch: [{epoch}]"
+    batches = itertools.islice(run.train_loader, total - start_step)
+    for i, (images, targets) in logger.log_every(batches, args.print_freq, header, total=total, start=start_step):
+        start_time = time.time()
+        images = images.to(device, non_blocking=True, memory_format=run.memory_format)
+        targets = targets.to(device, non_blocking=True)
+        losses = training_step(distiller, images, targets, epoch, run.optimizer, run.disc_optimizer, run.scaler, args, device)
+        if run.ema is not None and i % args.model_ema_steps == 0:
+            run.ema.update_parameters(distiller.student)
+            if epoch < args.lr_warmup_epochs:
+                run.ema.n_averaged.fill_(0)  # keep copying the weights during warmup
+
+        detached = {name: value.detach() for name, value in losses.items()}
+        nonfinite |= ~torch.isfinite(detached["total"])
+        logger.update(n=images.shape[0], **{f"loss_{k}" if k != "total" else "loss": v for k, v in detached.items()})
+        acc1, acc5 = batch_accuracy(distiller.last_logits, targets)
+        logger.update(n=images.shape[0], acc1=acc1, acc5=acc5)
+        logger.meters["lr"].update(run.optimizer.param_groups[0]["lr"])
+        logger.meters["img/s"].update(images.shape[0] / (time.time() - start_time))
+
+        last = i == total - 1
+        if i % args.print_freq == 0 or last:
+            if any_rank(bool(nonfinite.item()), device):
+                values = ", ".join(f"{k}={v.item():.4g}" for k, v in detached.items())
+                raise TrainingError(
+                    f"non-finite loss in epoch {epoch} by iteration {i} ({values}); the last good checkpoint "
+                    f"is kept in {args.output_dir or '(no output dir)'}: lower --lr, set --clip-grad-norm, or check the data"
+                )
+            step_count = epoch * total + i
+            scalars = {name: logger.meters[name].avg for name in logger.meters if name.startswith("loss")}
+            scalars.update({"lambda": lam, "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
+            if run.disc_optimizer is not None:
+                scalars["disc_lr"] = run.disc_optimizer.param_groups[0]["lr"]
+            run.tensorboard.scalars(scalars, step_count, prefix="train/")
+            if any_rank(run.stop.requested, device):
+                return i + 1, {}
+    names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
+    return None, logger.global_averages(names, device)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, header="Test:"):
+    """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks."""
+    model.eval()
+    accuracy = Accuracy(device)
+    logger = MetricLogger()
+    memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+    for _, (images, targets) in logger.log_every(loader, max(args.print_freq, 1) * 10, header):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(args, device):
+            logits = model(images)
+        accuracy.update(logits.float(), targets)
+    (acc1, acc5), count = accuracy.compute()
+    print_main(f"{header} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")
+    if math.isnan(acc1):
+        raise TrainingError("evaluation produced no numbers: is the validation set empty?")
+    return acc1, acc5

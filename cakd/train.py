@@ -1,0 +1,323 @@
+"""``python -m cakd.train`` / ``cakd-train``: the released recipes with torchrun, resumable.
+
+Thin: it builds a :class:`Run` from the flags, then alternates training, evaluation and
+checkpoints. Bad input ends with one line on stderr and exit status 1.
+"""
+import datetime
+import json
+import os
+import random
+import re
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from . import distributed as dist_utils
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_atomic,
+)
+from .config import disc_lr_factor, distiller_overrides, parse_args, save_config
+from .data import DataError, build_datasets, build_loaders
+from .distillers import build_distiller
+from .engine import StopRequest, TrainingError, evaluate, train_one_epoch
+from .logging import TensorBoard, print_main
+from .models import build_student, build_teacher
+from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit status 1."""
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """The first ``skip`` indices of an epoch left out: resuming mid-epoch after SIGTERM."""
+
+    def __init__(self, sampler, skip):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        for position, index in enumerate(self.sampler):
+            if position >= self.skip:
+                yield index
+
+    def __len__(self):
+        return max(len(self.sampler) - self.skip, 0)
+
+
+def skip_batches(loader, batches):
+    if batches == 0:
+        return loader
+    return torch.utils.data.DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=SkipSampler(loader.sampler, batches * loader.batch_size),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+class Run:
+    """Everything one training run holds: built once, checkpointed and restored as a whole."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.stop = StopRequest()
+        self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
+
+        train_set, val_set, num_classes = build_datasets(args)
+        self.num_classes = num_classes
+        self.train_loader, self.val_loader, self.train_sampler = build_loaders(
+            train_set, val_set, num_classes, args, args.distributed
+        )
+
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        student = build_student(args.model, num_classes=num_classes)
+        teacher = None if args.recipe == "baseline" or args.test_only else self._teacher(num_classes)
+        if args.test_only:
+            from .distillers import BaselineDistiller, StudentWithProjectors
+
+            distiller = BaselineDistiller(StudentWithProjectors(student))
+        else:
+            try:
+                distiller = build_distiller(args.recipe, student, teacher, **distiller_overrides(args))
+            except ValueError as error:
+                raise UserError(str(error)) from None
+        if args.distributed and args.sync_bn:
+            distiller.trainable.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.trainable.student)
+        distiller.to(self.device, memory_format=self.memory_format)
+        self.distiller = distiller
+
+        groups = parameter_groups(
+            distiller.trainable,
+            args.weight_decay,
+            norm_weight_decay=args.norm_weight_decay,
+            bias_weight_decay=args.bias_weight_decay,
+            embedding_decay=args.transformer_embedding_decay,
+        )
+        self.optimizer = build_optimizer(groups, args.opt, args.lr, args.momentum, args.weight_decay)
+        self.lr_scheduler = build_scheduler(self.optimizer, args, args.lr_min)
+        self.disc_optimizer = self.disc_lr_scheduler = None
+        if distiller.discriminator is not None:
+            factor = disc_lr_factor(args)
+            self.disc_optimizer = torch.optim.SGD(
+                distiller.discriminator.parameters(),
+                lr=factor * args.lr,
+                momentum=args.momentum,
+                weight_decay=args.weight_decay,
+                nesterov="nesterov" in args.opt.lower(),
+            )
+            self.disc_lr_scheduler = build_scheduler(self.disc_optimizer, args, factor * args.lr_min)
+        fp16 = args.amp and args.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+
+        if args.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(distiller.trainable, device_ids=ids)
+            distiller.set_student_runner(self.ddp)
+        if args.compile:
+            distiller.set_student_runner(torch.compile(distiller._student_runner or distiller.trainable))
+        self.ema = ExponentialMovingAverage(distiller.student, ema_decay(args), self.device) if args.model_ema else None
+
+        # identical weights above; from here each rank draws its own augmentations
+        torch.manual_seed(args.seed + args.rank)
+        random.seed(args.seed + args.rank)
+        np.random.seed(args.seed + args.rank)
+
+    def _teacher(self, num_classes):
+        args = self.args
+        weights = None if str(args.teacher_weights).lower() in ("none", "") else args.teacher_weights
+        if weights is None:
+            print_main("warning: --teacher-weights none: a random teacher, for smoke runs only")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return build_teacher(
+                    args.teacher, weights, image_size=args.train_crop_size, num_classes=None if weights else num_classes
+                )
+        except (ValueError, RuntimeError, FileNotFoundError) as error:
+            raise UserError(str(error)) from None
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state(self, epoch, step=None):
+        """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
+        d = self.distiller
+        projectors = {k: v for k, v in d.trainable.state_dict().items() if not k.startswith("student.")}
+        optional = lambda obj: obj.state_dict() if obj is not None else None  # noqa: E731
+        return {
+            "model": d.student.state_dict(),
+            "projectors": projectors,
+            "discriminator": optional(d.discriminator),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "disc_optimizer": optional(self.disc_optimizer),
+            "disc_lr_scheduler": optional(self.disc_lr_scheduler),
+            "scaler": optional(self.scaler),
+            "model_ema": optional(self.ema),
+            "epoch": epoch,
+            "step": step,
+            "args": {k: v for k, v in vars(self.args).items()},
+            "rng": dist_utils.all_gather_object(capture_rng_state()),
+        }
+
+    def save(self, epoch, step=None):
+        state = self.state(epoch, step)
+        if dist_utils.is_main_process() and self.args.output_dir:
+            save_atomic(state, os.path.join(self.args.output_dir, "checkpoint.pth"))
+            if step is None and ((epoch + 1) % self.args.checkpoint_freq == 0 or epoch + 1 == self.args.epochs):
+                save_atomic(state, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+
+    def restore(self, path):
+        """Load a checkpoint; returns (first epoch, first step) to run."""
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as error:
+            raise UserError(str(error)) from None
+        saved = ckpt["args"]
+        for key in ("recipe", "model", "teacher"):
+            if key in saved and saved[key] != getattr(self.args, key):
+                raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(self.args, key)}")
+        d = self.distiller
+        d.student.load_state_dict(ckpt["model"])
+        if self.args.test_only:
+            if self.ema is not None and ckpt.get("model_ema") is not None:
+                self.ema.load_state_dict(ckpt["model_ema"])
+            return ckpt["epoch"], 0
+        d.trainable.load_state_dict({**{"student." + k: v for k, v in ckpt["model"].items()}, **ckpt["projectors"]})
+        for obj, key in (
+            (d.discriminator, "discriminator"),
+            (self.optimizer, "optimizer"),
+            (self.lr_scheduler, "lr_scheduler"),
+            (self.disc_optimizer, "disc_optimizer"),
+            (self.disc_lr_scheduler, "disc_lr_scheduler"),
+            (self.scaler, "scaler"),
+            (self.ema, "model_ema"),
+        ):
+            if obj is not None:
+                if ckpt.get(key) is None:
+                    raise UserError(f"{path} holds no {key} state, which this run needs: resume with the same flags")
+                obj.load_state_dict(ckpt[key])
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.args.world_size:
+            restore_rng_state(rng[self.args.rank])
+        else:
+            print_main(f"note: {path} was written by {len(rng)} processes, not {self.args.world_size}: RNG streams restart")
+        if ckpt.get("step") is not None:
+            return ckpt["epoch"], ckpt["step"]
+        return ckpt["epoch"] + 1, 0
+
+    # ---- evaluation ----------------------------------------------------------------
+    def evaluate(self, epoch=None):
+        results = {}
+        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, self.args, "Test:")
+        if self.ema is not None:
+            results["ema_acc1"], results["ema_acc5"] = evaluate(
+                self.ema.module, self.val_loader, self.device, self.args, "Test: EMA"
+            )
+        return results
+
+
+def train(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
+    dist_utils.init_distributed_mode(args)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if dist_utils.is_main_process():
+            save_config(args, os.path.join(args.output_dir, "config.yaml"))
+    print_main(f"cakd.train: {args.recipe} recipe, {args.model} <- {args.teacher}, {args.world_size} process(es)")
+    if args.use_deterministic_algorithms:
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    run = Run(args)
+    start_epoch, start_step = args.start_epoch, 0
+    if args.resume:
+        start_epoch, start_step = run.restore(args.resume)
+        print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
+    elif args.test_only and args.weights:
+        run.distiller.student.load_state_dict(_student_weights(args.weights))
+
+    if args.test_only:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        return run.evaluate()
+
+    run.stop.install()
+    print_main("Start training")
+    start_time = time.time()
+    results = {}
+    for epoch in range(start_epoch, args.epochs):
+        run.train_sampler.set_epoch(epoch)
+        loader = run.train_loader
+        run.train_loader = skip_batches(loader, start_step)
+        next_step, train_stats = train_one_epoch(run, epoch, start_step)
+        run.train_loader = loader
+        if next_step is not None:
+            run.save(epoch, step=next_step)
+            print_main(f"SIGTERM: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
+            return results
+        start_step = 0
+        run.lr_scheduler.step()
+        if run.disc_lr_scheduler is not None:
+            run.disc_lr_scheduler.step()
+        results = run.evaluate(epoch)
+        run.tensorboard.scalars(results, epoch, prefix="val/")
+        run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
+        run.tensorboard.flush()
+        if dist_utils.is_main_process() and args.output_dir:
+            record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        run.save(epoch)
+    print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    run.tensorboard.close()
+    return results
+
+
+def _student_weights(path):
+    """A student state dict from an exported file or a training checkpoint."""
+    try:
+        state = load_checkpoint(path, training=False)
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    return state["model"] if "model" in state and isinstance(state["model"], dict) else state
+
+
+def one_line(error):
+    """The last line of an error's message, without the ``module.Class: `` prefix that a
+    DataLoader worker's re-raised traceback puts there."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+        return 0
+    except (UserError, DataError, TrainingError) as error:
+        message = one_line(error)
+        prefix = f"[rank {args.rank}] " if getattr(args, "world_size", 1) > 1 else ""
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist_utils.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The trainer end to end: torchrun with 2 CPU processes (gloo) for each recipe, exact
+resume, and bad input that ends with one clear line and loses nothing."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cakd.data import make_image_folder
+from cakd.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=3, train_per_class=8, val_per_class=3, size=72)
+
+
+def small_flags(recipe, data, out, epochs=2):
+    flags = ["--config", os.path.join(ROOT, "configs", f"{recipe}.yaml"), "--device", "cpu", "--data-path", data,
+             "--output-dir", out, "--model", "resnet18", "--teacher-weights", "none", "--train-crop-size", "64",
+             "--val-resize-size", "64", "--val-crop-size", "64", "--batch-size", "4", "--workers", "0",
+             "--epochs", str(epochs), "--print-freq", "1", "--checkpoint-freq", "1", "--lr", "0.01",
+             "--model-ema-steps", "1", "--lr-warmup-epochs", "0"]
+    if recipe == "cakd":
+        flags += ["--lambda-start", "-1", "--lambda-span", "1"]  # distillation on from the first step
+    return flags
+
+
+def torchrun(flags, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "cakd.train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def assert_same_state(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("recipe", ["baseline", "logits", "cakd"])
+def test_torchrun_two_processes_and_exact_resume(recipe, data_dir, tmp_path):
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    result = torchrun(small_flags(recipe, data_dir, full))
+    assert "Epoch: [1]" in result.stdout and "Acc@1" in result.stdout and "2 process(es)" in result.stdout
+    torchrun(small_flags(recipe, data_dir, resumed) + ["--resume", os.path.join(full, "model_0.pth")])
+
+    uninterrupted = torch.load(os.path.join(full, "model_1.pth"), weights_only=True)
+    again = torch.load(os.path.join(resumed, "checkpoint.pth"), weights_only=True)
+    assert uninterrupted["epoch"] == again["epoch"] == 1
+    keys = ["model", "projectors", "discriminator", "optimizer", "disc_optimizer", "lr_scheduler", "model_ema"]
+    for key in keys:
+        assert_same_state(uninterrupted[key], again[key], key)
+    first = torch.load(os.path.join(full, "model_0.pth"), weights_only=True)
+    assert any(not torch.equal(first["model"][k], uninterrupted["model"][k]) for k in first["model"])  # it trained
+    assert len(again["rng"]) == 2  # one RNG state per rank
+    if recipe == "cakd":
+        assert uninterrupted["discriminator"] is not None and uninterrupted["projectors"]
+    assert os.path.isfile(os.path.join(full, "config.yaml")) and os.listdir(os.path.join(full, "tensorboard"))
+
+
+def run_main(flags, capsys):
+    code = main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    code, err = run_main(small_flags("baseline", str(tmp_path / "nowhere"), str(tmp_path / "out")), capsys)
+    assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]
+
+
+def test_folder_without_train_and_val(tmp_path, capsys):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    code, err = run_main(small_flags("baseline", str(tmp_path / "data"), str(tmp_path / "out")), capsys)
+    assert code == 1 and len(err) == 1 and "has no train/ folder" in err[0]
+
+
+def test_unreadable_image_keeps_the_last_checkpoint(tmp_path, capsys):
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=4, val_per_class=2, size=72)
+    out = str(tmp_path / "out")
+    assert run_main(small_flags("baseline", data, out, epochs=1), capsys)[0] == 0
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    bad = os.path.join(data, "train", "class_0", "broken.JPEG")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    flags = small_flags("baseline", data, out, epochs=2) + ["--resume", os.path.join(out, "checkpoint.pth"), "--workers", "1"]
+    code, err = run_main(flags, capsys)
+    assert code == 1 and err[-1].startswith("error: cannot read image") and "broken.JPEG" in err[-1]
+    assert sum(line.startswith("error") for line in err) == 1
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+
+
+def test_resume_from_a_corrupt_or_missing_file(tmp_path, capsys, data_dir):
+    corrupt = tmp_path / "checkpoint.pth"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    code, err = run_main(small_flags("baseline", data_dir, str(tmp_path / "out")) + ["--resume", str(corrupt)], capsys)
+    assert code == 1 and len(err) == 1 and "is corrupt or truncated" in err[0]
+    code, err = run_main(small_flags("baseline", data_dir, str(tmp_path / "out")) + ["--resume", str(tmp_path / "no.pth")], capsys)
+    assert code == 1 and len(err) == 1 and "no.pth does not exist" in err[0]
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, data_dir):
+    out = str(tmp_path / "out")
+    assert run_main(small_flags("cakd", data_dir, out, epochs=1), capsys)[0] == 0
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    # an infinite loss weight makes the very next loss non-finite
+    flags = small_flags("cakd", data_dir, out, epochs=3) + ["--resume", os.path.join(out, "checkpoint.pth"), "--feature-weight", "inf"]
+    code, err = run_main(flags, capsys)
+    assert code == 1 and len(err) == 1 and "non-finite loss in epoch 1" in err[0]
+    assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+    out = str(tmp_path / "out")
+    flags = ["--recipe", "baseline", "--dataset", "synthetic", "--synthetic-size", "4000", "--num-classes", "5",
+             "--device", "cpu", "--model", "resnet18", "--train-crop-size", "32", "--val-crop-size", "32",
+             "--val-resize-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "1", "--print-freq", "1",
+             "--output-dir", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "cakd.train", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=ROOT)
+    for line in proc.stdout:
+        if "Epoch: [0] [" in line and "/2000]" in line and "[   3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "SIGTERM: saved epoch 0 step" in output
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["epoch"] == 0 and 4 <= ckpt["step"] < 2000
+    # resume continues from that step (few iterations left thanks to --iters-per-epoch)
+    resumed = subprocess.run([sys.executable, "-m", "cakd.train", *flags, "--resume", os.path.join(out, "checkpoint.pth"),
+                              "--iters-per-epoch", str(ckpt["step"] + 2)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out}/checkpoint.pth: epoch 0, step {ckpt['step']}" in resumed.stdout
+    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"] is None
+
+
+def tensorboard_tags(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(folder)
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_bf16_autocast_channels_last_run_logs_every_term(tmp_path, capsys, data_dir):
+    """A CPU run with bf16 autocast and channels_last trains, evaluates, and writes every
+    TensorBoard scalar the issue names; --test-only then re-evaluates the checkpoint alike."""
+    out = str(tmp_path / "out")
+    flags = small_flags("cakd", data_dir, out, epochs=1) + ["--amp", "--amp-dtype", "bfloat16", "--channels-last"]
+    code, err = run_main(flags, capsys)
+    assert code == 0, err
+    tags = tensorboard_tags(os.path.join(out, "tensorboard"))
+    for term in ("loss", "loss_cls", "loss_pca", "loss_gl", "loss_adv", "loss_disc", "lambda", "lr", "disc_lr", "img_per_s"):
+        assert f"train/{term}" in tags, term
+    for metric in ("acc1", "acc5", "ema_acc1", "ema_acc5"):
+        assert f"val/{metric}" in tags, metric
+    import json
+
+    record = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert record["epoch"] == 0 and 0 <= record["acc1"] <= 100 and record["train_loss_pca"] > 0
+
+    assert main(flags + ["--test-only", "--resume", os.path.join(out, "checkpoint.pth")]) == 0
+    assert "Test: EMA Acc@1" in capsys.readouterr().out
+    lines = [line for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(lines) == 1  # test-only writes no metrics and no checkpoint
+
+
+def test_test_only_agrees_with_training_evaluation(tmp_path, capsys, data_dir):
+    out = str(tmp_path / "out")
+    flags = small_flags("logits", data_dir, out, epochs=1)
+    assert main(flags) == 0
+    trained = capsys.readouterr().out
+    import json
+
+    record = json.loads(open(os.path.join(out, "metrics.jsonl")).read())
+    code = main(flags + ["--test-only", "--resume", os.path.join(out, "checkpoint.pth")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"Test: Acc@1 {record['acc1']:.3f} Acc@5 {record['acc5']:.3f}" in printed
+    assert f"Test: EMA Acc@1 {record['ema_acc1']:.3f}" in printed
+    assert "Epoch: [" not in printed and "Epoch: [0]" in trained
+
+
+def test_quickstart_script(tmp_path):
+    """The README's first command: a CAKD run on a generated folder, on the CPU."""
+    env = {**os.environ, "OUT": str(tmp_path / "qs"), "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["sh", os.path.join(ROOT, "scripts", "quickstart.sh"), "--epochs", "1"], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Epoch: [0] Total time" in result.stdout and "Test: EMA Acc@1" in result.stdout
+    for name in ("checkpoint.pth", "config.yaml", "metrics.jsonl", "tensorboard"):
+        assert os.path.exists(tmp_path / "qs" / name), name
