@@ -7,8 +7,8 @@ setup(
     packages=find_packages(include=["cakd", "cakd.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.5",
+        "torchvision>=0.20",
         "numpy",
         "pyyaml",
         "tensorboard",

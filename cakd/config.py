@@ -12,7 +12,7 @@ import os
 
 import yaml
 
-from .distillers import DISTILLERS, CAKDConfig
+from .distillers import CHOICES, DISTILLERS, CAKDConfig
 from .models import STUDENTS, TEACHERS
 
 
@@ -122,17 +122,19 @@ def get_args_parser(add_help=True):
 
     g = p.add_argument_group("distiller", "loss weights and switches; unset means the recipe's released value")
     for field in distiller_option_fields():
-        kind = _bool if field.type in (bool, "bool") else (int if field.type in (int, "int") else float)
-        g.add_argument(
-            "--" + field.name.replace("_", "-"), default=None, type=kind, help=f"released: {field.default!r}"
-        )
+        kinds = {bool: _bool, "bool": _bool, int: int, "int": int, str: str, "str": str}
+        kind = kinds.get(field.type, float)
+        text = f"released: {field.default!r}"
+        if field.name in CHOICES:  # checked by the distiller's config, so a saved null still loads
+            text += f" (one of {', '.join(CHOICES[field.name])})"
+        g.add_argument("--" + field.name.replace("_", "-"), default=None, type=kind, help=text)
     return p
 
 
 def _known_keys(parser):
     keys = {}
     for action in parser._actions:
-        if action.dest in ("help", "config"):
+        if action.dest == "help":
             continue
         keys[action.dest] = action
         for option in action.option_strings:
@@ -140,10 +142,16 @@ def _known_keys(parser):
     return keys
 
 
-def load_yaml(path, parser):
-    """YAML values as parser defaults, keyed by dest. Unknown keys are an error."""
+def load_yaml(path, parser, _seen=()):
+    """YAML values as parser defaults, keyed by dest. Unknown keys are an error.
+
+    A ``config: other.yaml`` key (a path relative to this file) loads that file first, and
+    this one's values win: the ablation configs are the paper's set-up plus a few keys.
+    """
     if not os.path.isfile(path):
         parser.error(f"config file {path} does not exist")
+    if os.path.abspath(path) in _seen:
+        parser.error(f"config file {path} includes itself through its config: keys")
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -151,11 +159,14 @@ def load_yaml(path, parser):
             parser.error(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}")
     if not isinstance(data, dict):
         parser.error(f"config file {path} must be a mapping of flag names to values")
+    defaults = {}
+    if data.get("config"):
+        parent = os.path.join(os.path.dirname(path), str(data.pop("config")))
+        defaults.update(load_yaml(parent, parser, _seen + (os.path.abspath(path),)))
     known = _known_keys(parser)
     unknown = sorted(key for key in data if str(key).replace("-", "_") not in known)
     if unknown:
         parser.error(f"config file {path} has unknown key(s) {', '.join(map(str, unknown))}: keys are the flags' names")
-    defaults = {}
     for key, value in data.items():
         action = known[str(key).replace("-", "_")]
         if isinstance(value, str) and action.type is not None:

@@ -1,4 +1,9 @@
-"""The released PatchGAN discriminator on one-channel attention maps, and its GAN loss."""
+"""The discriminators and their GAN loss.
+
+Released: a PatchGAN on one-channel attention maps. Paper (Eq. 8-9): a three-layer fully
+connected network on features, telling the teacher's patch tokens ``h_T`` (real) from the
+projected student tokens ``h'_S`` (fake).
+"""
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -43,8 +48,33 @@ class PatchGAN(nn.Module):
         return self.pool(self.model(maps)).flatten(1)
 
 
+class TokenMLP(nn.Module):
+    """The paper's discriminator: a per-token MLP ``D -> hidden -> hidden -> 1`` with
+    LeakyReLU(0.2), its logits averaged over the tokens: one logit per sample, (B, 1).
+
+    The paper says "three-layer fully connected"; widths and activation are our choice.
+    """
+
+    def __init__(self, in_dim: int = 768, hidden: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, tokens):
+        return self.mlp(tokens).mean(dim=1)
+
+
 def gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
-    """``BCEWithLogits(logits, 1 if real else 0)``, computed in float32."""
+    """``BCEWithLogits(logits, 1 if real else 0)``, computed in float32.
+
+    With ``D = sigmoid(logits)``: ``gan_loss(x, True) = -mean(log D)`` and
+    ``gan_loss(x, False) = -mean(log(1 - D))``.
+    """
     logits = logits.float()
     target = torch.ones_like(logits) if real else torch.zeros_like(logits)
     return nn.functional.binary_cross_entropy_with_logits(logits, target)

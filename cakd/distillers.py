@@ -8,15 +8,18 @@ A distiller holds
   ``.to()`` / ``.cuda()`` with the rest;
 - ``discriminator`` (CAKD only), trained by its own optimizer.
 """
+import functools
+import operator
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .discriminator import PatchGAN, call_with_snapshot, gan_loss
+from .discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
 from .models import match_stage, stage_channels, teacher_grid
-from .projectors import AttentionProjector, GroupwiseLinearProjector
+from .multiview import MultiViewGenerator
+from .projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
 from .taps import ResNetTaps, ViTTaps
 
 
@@ -30,25 +33,70 @@ class LogitsConfig(BaselineConfig):
     logits_weight: float = 1.0  # MSE(z_S, z_T)
 
 
+# the string options of CAKDConfig and their values; the first is the released form
+CHOICES = {
+    "pca_form": ("released", "paper"),
+    "disc_form": ("patchgan", "mlp"),
+    "adv_form": ("released", "saturating", "non_saturating"),
+    "lambda_form": ("ramp", "constant"),
+    "lambda_scope": ("all", "adversarial"),
+}
+
+
 @dataclass
 class CAKDConfig(LogitsConfig):
-    """Every number of the released recipe, with its released value."""
+    """Every number and switch of CAKD, with its released value (``reference.md``).
 
-    pca_qk_weight: float = 0.2  # MSE(A_S_qk, A_T_qk)
-    pca_vv_weight: float = 0.05  # MSE(A_S_vv, A_T_vv)
+    The paper's forms (``paper.md``, ``configs/cakd_paper.yaml``, ``docs/FIDELITY.md``)
+    are other values of the same fields; each can be switched on its own.
+    """
+
+    pca_qk_weight: float = 0.2  # first term of L_proj1: MSE(A_S_qk, A_T_qk); paper form: MSE of attention outputs
+    pca_vv_weight: float = 0.05  # second term: MSE(A_S_vv, A_T_vv); paper form: MSE of per-head V V^T / sqrt(d)
     token_weight: float = 1.0  # MSE(t_S, t_T), class token
     feature_weight: float = 0.05  # MSE(f_S, f_T), patch tokens
-    adv_real_weight: float = 0.05  # weight of the (constant) real term inside L_adv
-    lambda_start: float = 25.0  # lambda(e) = min(max(e - start, 0) / span, max)
+    adv_real_weight: float = 0.05  # weight of the (constant) real term inside the released L_adv
+    lambda_start: float = 25.0  # ramp: lambda(e) = min(max(e - start, 0) / span, max)
     lambda_span: float = 50.0
     lambda_max: float = 0.2
     disc_lr_factor: float = 0.01  # discriminator lr = factor * student lr
     disc_real_grad: bool = False  # released quirk 1: L_D's real term is detached
-    adv_to_student: bool = False  # released quirk 2: L_adv sends no gradient to the student
-    pca_heads: int = 16
+    adv_to_student: bool = False  # released quirk 2: the released L_adv sends no gradient to the student
+    pca_heads: int = 16  # released projector's heads and head width (the paper form uses the teacher's)
     pca_head_dim: int = 64
     gl_window: int = 4
     gl_batched: bool = True
+    # paper forms, each off (released) by default
+    pca_form: str = "released"  # "paper": 3x3 convs, partial cross, softmax attention outputs (Eq. 1-4)
+    pca_swap_prob: float = 0.5  # paper form: probability that an element of Q, K, V takes the teacher's value
+    gl_dropout: float = 0.0  # dropout before the group-wise FCs (paper: yes, rate ours 0.1)
+    multiview_prob: float = 0.0  # probability that the student sees a transformed view (paper Eq. 7: 0.5)
+    disc_form: str = "patchgan"  # "mlp": per-token MLP on h_T (real) vs h'_S (fake), Eq. 8
+    disc_every: int = 1  # the discriminator steps at global iterations divisible by this (Algorithm 1: 5)
+    disc_loss_weight: float = 0.5  # L_D = weight * (real term + fake term); Eq. 8 sums them: 1
+    adv_form: str = "released"  # "saturating": mean(log(1 - D(h'_S))) (Eq. 9), "non_saturating": -mean(log D(h'_S))
+    lambda_form: str = "ramp"  # "constant": lambda = lambda_constant
+    lambda_constant: float = 0.1
+    lambda_scope: str = "all"  # what lambda scales: "all" distillation terms, or the "adversarial" one (Eq. 10)
+    use_pca: bool = True  # the attention projector's term L_proj1 (and the projector)
+    use_logits: bool = True  # MSE(z_S, z_T) inside L_proj2
+    use_token: bool = True  # MSE(t_S, t_T) inside L_proj2 (and the token projector)
+    use_cls: bool = True  # cross-entropy with the labels
+    use_adv: bool = True  # the adversarial term (and the discriminator)
+
+    def __post_init__(self):
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in ("pca_swap_prob", "multiview_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
+        if not 0.0 <= self.gl_dropout < 1.0:
+            raise ValueError(f"gl_dropout={self.gl_dropout!r} must be in [0, 1)")
+        if self.disc_every < 1:
+            raise ValueError(f"disc_every={self.disc_every!r} must be 1 or more")
+        if self.use_adv and self.disc_form == "patchgan" and not self.use_pca:
+            raise ValueError("disc_form=patchgan reads the attention projector's maps: turn use_pca on or use disc_form=mlp")
 
 
 def mse(a, b):
@@ -56,11 +104,18 @@ def mse(a, b):
     return F.mse_loss(a.float(), b.float())
 
 
+def add(*terms):
+    """The sum of the given loss terms, left to right."""
+    return functools.reduce(operator.add, terms)
+
+
 class StudentWithProjectors(nn.Module):
     """The trained part: student plus projectors, keyed as in the released checkpoint.
 
-    ``forward(images)`` returns the student logits and, when a tap stage is given, the
-    projected attention maps, patch tokens and class token.
+    ``forward(images, teacher=None)`` returns the student logits and, when a tap stage is
+    given, the projectors' outputs: ``attn_qk``/``attn_vv`` (released attention projector)
+    or ``attn_out``/``value_maps`` (paper's, which also reads the teacher's q, k, v from
+    ``teacher``), ``patch_tokens`` and ``cls_token``. Projectors that are None are skipped.
     """
 
     def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None):
@@ -71,13 +126,18 @@ class StudentWithProjectors(nn.Module):
         self.cls_proj = cls_proj
         self.taps = ResNetTaps(student, stage) if stage else None
 
-    def forward(self, images):
+    def forward(self, images, teacher=None):
         out = {"logits": self.student(images)}
         if self.taps is not None:
-            tokens, pooled = self.taps.pop()
-            out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
+            feature, pooled = self.taps.pop_map()
+            tokens = feature.flatten(2).transpose(1, 2)
+            if isinstance(self.pca_proj, PartialCrossAttentionProjector):
+                out.update(self.pca_proj(feature, teacher))
+            elif self.pca_proj is not None:
+                out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
             out["patch_tokens"] = self.gl_proj(tokens)
-            out["cls_token"] = self.cls_proj(pooled)
+            if self.cls_proj is not None:
+                out["cls_token"] = self.cls_proj(pooled)
         return out
 
 
@@ -121,8 +181,24 @@ class Distiller(nn.Module):
         """Run the trainable part through ``runner`` (its DDP or compiled wrapper) from now on."""
         object.__setattr__(self, "_student_runner", runner)
 
-    def run_student(self, images):
-        out = (self._student_runner or self.trainable)(images)
+    def compile(self, **kwargs):
+        """``torch.compile`` the trainable part (through its DDP wrapper when there is one) and
+        the teacher; the taps' hooks are traced with them."""
+        self.set_student_runner(torch.compile(self.student_runner, **kwargs))
+        if self._teacher_taps is not None:
+            self._teacher_taps.runner = torch.compile(self._teacher, **kwargs)
+        return self
+
+    @property
+    def student_runner(self):
+        """What runs the trainable part: its DDP or compiled wrapper, or itself."""
+        return self._student_runner if self._student_runner is not None else self.trainable
+
+    def run_student(self, images, teacher=None):
+        """The single call path of the trainable part (through DDP when wrapped); ``teacher``
+        (the teacher's outputs) goes to projectors that read them."""
+        runner = self.student_runner
+        out = runner(images) if teacher is None else runner(images, teacher=teacher)
         self.last_logits = out["logits"].detach()  # for training accuracy, no extra forward
         return out
 
@@ -142,6 +218,10 @@ class Distiller(nn.Module):
 
     def distill_weight(self, epoch: int) -> float:
         return 1.0
+
+    def disc_due(self, step: int) -> bool:
+        """Whether the discriminator steps at global iteration ``step``."""
+        return self.discriminator is not None
 
     def close(self):
         """Remove every hook this distiller put on the student and teacher."""
@@ -184,37 +264,101 @@ class LogitsDistiller(Distiller):
 
 
 class CAKDDistiller(Distiller):
-    """The released CAKD step (``reference.md``): projector losses, PatchGAN, lambda ramp."""
+    """CAKD: the released step (``reference.md``) by default, the paper's forms by config.
+
+    ``L = L_cls + lambda * (L_pca + L_gl + L_adv)`` (released; ``lambda_scope="all"``) or
+    ``L = L_cls + L_pca + L_gl + lambda * L_adv`` (Eq. 10; ``lambda_scope="adversarial"``),
+    each term present when switched on. The discriminator's own loss ``L_D`` is returned as
+    ``disc``; the trainer steps D with it when :meth:`disc_due`.
+    """
 
     config_class = CAKDConfig
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        prob = self.config.multiview_prob
+        self.multiview = MultiViewGenerator(prob) if prob > 0 else None
+
     def distill_weight(self, epoch: int) -> float:
         c = self.config
+        if c.lambda_form == "constant":
+            return c.lambda_constant
         return min(max(epoch - c.lambda_start, 0) / c.lambda_span, c.lambda_max)
+
+    def disc_due(self, step: int) -> bool:
+        return self.discriminator is not None and step % self.config.disc_every == 0
 
     def forward(self, images, targets, epoch=0):
         c = self.config
-        t = self.run_teacher(images)
-        s = self.run_student(images)
-        cls = self.cross_entropy(s["logits"], targets)
-        pca = c.pca_qk_weight * mse(s["attn_qk"], t["attn_qk"]) + c.pca_vv_weight * mse(s["attn_vv"], t["attn_vv"])
-        gl = (
-            c.logits_weight * mse(s["logits"], t["logits"])
-            + c.token_weight * mse(s["cls_token"], t["cls_token"])
-            + c.feature_weight * mse(s["patch_tokens"], t["patch_tokens"])
-        )
-        disc_net = self.discriminator
-        real_map, fake_map = t["attn_qk"].unsqueeze(1), s["attn_qk"].unsqueeze(1)
-        p_real = disc_net(real_map)
-        p_fake = disc_net(fake_map.detach())
-        disc = 0.5 * (gan_loss(p_real if c.disc_real_grad else p_real.detach(), True) + gan_loss(p_fake, False))
-        # released: BCE of the detached fake map, a value with no gradient; flipped: the
-        # discriminator as it was at this forward, with the gradient reaching the student
-        p_fake_adv = call_with_snapshot(disc_net, fake_map) if c.adv_to_student else p_fake.detach()
-        adv = c.adv_real_weight * gan_loss(p_real.detach(), True) + gan_loss(p_fake_adv, True)
+        t = self.run_teacher(images)  # the teacher always sees the clean batch
+        student_images = self.multiview(images) if self.multiview is not None else images
+        s = self.run_student(student_images, teacher=t if c.use_pca and c.pca_form == "paper" else None)
+        losses = {"cls": self.cross_entropy(s["logits"], targets)}
+        if c.use_pca:
+            losses["pca"] = self.attention_loss(s, t)
+        losses["gl"] = self.groupwise_loss(s, t)
+        if self.discriminator is not None:
+            losses["adv"], losses["disc"] = self.adversarial_losses(s, t)
         lam = self.distill_weight(epoch)
-        total = cls + lam * (pca + gl + adv)
-        return {"cls": cls, "pca": pca, "gl": gl, "adv": adv, "disc": disc, "total": total}
+        projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
+        adv_terms = [losses["adv"]] if "adv" in losses else []
+        if c.lambda_scope == "all":
+            distill = lam * add(*projector_terms, *adv_terms)
+        else:
+            distill = add(*projector_terms, *[lam * adv for adv in adv_terms])
+        losses["total"] = losses["cls"] + distill if c.use_cls else distill
+        return losses
+
+    def attention_loss(self, s, t):
+        """L_proj1. Released: weighted MSE of the head-mean score maps. Paper (Eq. 4): MSE of
+        the (partially crossed) softmax attention outputs plus MSE of per-head V V^T / sqrt(d)."""
+        c = self.config
+        if c.pca_form == "paper":
+            return c.pca_qk_weight * mse(s["attn_out"], t["attn_out"]) + c.pca_vv_weight * mse(s["value_maps"], t["value_maps"])
+        return c.pca_qk_weight * mse(s["attn_qk"], t["attn_qk"]) + c.pca_vv_weight * mse(s["attn_vv"], t["attn_vv"])
+
+    def groupwise_loss(self, s, t):
+        """L_proj2: logits and class-token MSE (released; each switchable), patch-token MSE."""
+        c = self.config
+        terms = []
+        if c.use_logits:
+            terms.append(c.logits_weight * mse(s["logits"], t["logits"]))
+        if c.use_token:
+            terms.append(c.token_weight * mse(s["cls_token"], t["cls_token"]))
+        terms.append(c.feature_weight * mse(s["patch_tokens"], t["patch_tokens"]))
+        return add(*terms)
+
+    def adversarial_losses(self, s, t):
+        """``(L_adv, L_D)``; ``D = sigmoid(discriminator logit)``, real = teacher, fake = student.
+
+        PatchGAN (released) reads the head-mean q k^T maps, the MLP (paper) the patch tokens
+        h_T and h'_S. ``L_D = w * (-mean(log D(real)) - mean(log(1 - D(fake))))`` on the
+        detached fake (Eq. 8 with w = 1; released w = 0.5 and the real term detached).
+        ``L_adv``: released ``0.05 * -mean(log D(real)) - mean(log D(fake))`` with the fake
+        detached (no gradient) unless ``adv_to_student``; saturating (Eq. 9)
+        ``mean(log(1 - D(fake)))``; non-saturating ``-mean(log D(fake))``. Whenever the
+        student gets a gradient, D is the snapshot taken at this forward
+        (:func:`call_with_snapshot`), so D may step in place before the student's backward.
+        """
+        c = self.config
+        disc_net = self.discriminator
+        if c.disc_form == "patchgan":
+            real, fake = t["attn_qk"].unsqueeze(1), s["attn_qk"].unsqueeze(1)
+        else:
+            real, fake = t["patch_tokens"], s["patch_tokens"]
+        p_real = disc_net(real)
+        p_fake = disc_net(fake.detach())
+        disc = c.disc_loss_weight * (gan_loss(p_real if c.disc_real_grad else p_real.detach(), True) + gan_loss(p_fake, False))
+        if c.adv_form == "released":
+            # released: BCE of the detached fake map, a value with no gradient; flipped: the
+            # discriminator as it was at this forward, with the gradient reaching the student
+            p_fake_adv = call_with_snapshot(disc_net, fake) if c.adv_to_student else p_fake.detach()
+            adv = c.adv_real_weight * gan_loss(p_real.detach(), True) + gan_loss(p_fake_adv, True)
+        elif c.adv_form == "saturating":
+            adv = -gan_loss(call_with_snapshot(disc_net, fake), False)  # mean(log(1 - D(fake)))
+        else:
+            adv = gan_loss(call_with_snapshot(disc_net, fake), True)  # -mean(log D(fake))
+        return adv, disc
 
 
 DISTILLERS = {"baseline": BaselineDistiller, "logits": LogitsDistiller, "cakd": CAKDDistiller}
@@ -250,12 +394,26 @@ def build_distiller(recipe: str, student, teacher=None, **overrides) -> Distille
         taps = ViTTaps(teacher, attention=False, tokens=False)
         return cls(StudentWithProjectors(student), teacher, teacher_taps=taps, config=config)
     channels, width, grid = stage_channels(student, stage), teacher.hidden_dim, teacher_grid(teacher)
+    attention = teacher.encoder.layers[-1].self_attention
+    patchgan = config.use_adv and config.disc_form == "patchgan"
+    paper_pca = config.use_pca and config.pca_form == "paper"
+    if not config.use_pca:
+        pca_proj = None
+    elif paper_pca:  # the teacher's heads and widths, so Q, K, V can be swapped element by element
+        heads = attention.num_heads
+        pca_proj = PartialCrossAttentionProjector(channels, heads, width // heads, config.pca_swap_prob, score_map=patchgan)
+    else:
+        pca_proj = AttentionProjector(channels, config.pca_heads, config.pca_head_dim)
     trainable = StudentWithProjectors(
         student,
         stage,
-        pca_proj=AttentionProjector(channels, config.pca_heads, config.pca_head_dim),
-        gl_proj=GroupwiseLinearProjector(grid, channels, width, config.gl_window, config.gl_batched),
-        cls_proj=nn.Linear(student.fc.in_features, width),
+        pca_proj=pca_proj,
+        gl_proj=GroupwiseLinearProjector(grid, channels, width, config.gl_window, config.gl_batched, config.gl_dropout),
+        cls_proj=nn.Linear(student.fc.in_features, width) if config.use_token else None,
     )
-    taps = ViTTaps(teacher, attention=True, tokens=True)
-    return cls(trainable, teacher, discriminator=PatchGAN(), teacher_taps=taps, config=config)
+    discriminator = None
+    if config.use_adv:
+        discriminator = PatchGAN() if patchgan else TokenMLP(width)
+    released_maps = (config.use_pca and config.pca_form == "released") or patchgan
+    taps = ViTTaps(teacher, attention=released_maps, tokens=True, qkv=paper_pca)
+    return cls(trainable, teacher, discriminator=discriminator, teacher_taps=taps, config=config)

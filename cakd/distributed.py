@@ -27,7 +27,8 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu)
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    kwargs = {"device_id": torch.device(args.device)} if cuda else {}  # NCCL then knows its GPU
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, **kwargs)
     dist.barrier()
 
 

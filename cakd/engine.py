@@ -53,11 +53,16 @@ def step(optimizer, scaler):
         optimizer.step()
 
 
-def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, args, device):
-    """One released-order update; returns the dict of (still attached) losses."""
+def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, args, device, global_step=0):
+    """One released-order update; returns the dict of (still attached) losses.
+
+    ``global_step`` counts iterations from the start of training: the discriminator's
+    zero_grad, backward, all-reduce and step run only when ``distiller.disc_due(global_step)``
+    (every iteration in the released recipe, every ``disc_every``-th in the paper's Algorithm 1).
+    """
     with autocast(args, device):
         losses = distiller(images, targets, epoch=epoch)
-    if disc_optimizer is not None:
+    if disc_optimizer is not None and distiller.disc_due(global_step):
         disc_optimizer.zero_grad(set_to_none=True)
         backward(losses["disc"], scaler, retain_graph=True)
         average_gradients(distiller.discriminator.parameters())  # D is outside DDP
@@ -107,7 +112,10 @@ def train_one_epoch(run, epoch, start_step=0):
         start_time = time.time()
         images = images.to(device, non_blocking=True, memory_format=run.memory_format)
         targets = targets.to(device, non_blocking=True)
-        losses = training_step(distiller, images, targets, epoch, run.optimizer, run.disc_optimizer, run.scaler, args, device)
+        step_count = epoch * total + i  # global iteration: the same after a resume
+        losses = training_step(
+            distiller, images, targets, epoch, run.optimizer, run.disc_optimizer, run.scaler, args, device, global_step=step_count
+        )
         if run.ema is not None and i % args.model_ema_steps == 0:
             run.ema.update_parameters(distiller.student)
             if epoch < args.lr_warmup_epochs:
@@ -129,7 +137,6 @@ def train_one_epoch(run, epoch, start_step=0):
                     f"non-finite loss in epoch {epoch} by iteration {i} ({values}); the last good checkpoint "
                     f"is kept in {args.output_dir or '(no output dir)'}: lower --lr, set --clip-grad-norm, or check the data"
                 )
-            step_count = epoch * total + i
             scalars = {name: logger.meters[name].avg for name in logger.meters if name.startswith("loss")}
             scalars.update({"lambda": lam, "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
             if run.disc_optimizer is not None:

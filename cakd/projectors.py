@@ -3,14 +3,16 @@
 Released forms (see ``reference.md``): the attention projector maps student tokens to
 head-mean q k^T and v v^T score maps; the group-wise linear projector gives each
 window of tokens its own Linear; the token projector maps the pooled feature to the
-teacher's class token.
+teacher's class token. The paper's form of the attention projector (Eq. 1-4: 3x3
+convolutions, partial cross with the teacher's q, k, v, softmax attention outputs) is
+:class:`PartialCrossAttentionProjector`.
 """
 import math
 
 import torch
 from torch import nn
 
-from .taps import head_mean_scores
+from .taps import attention_output, head_mean_scores, value_maps
 
 
 class AttentionProjector(nn.Module):
@@ -35,6 +37,57 @@ class AttentionProjector(nn.Module):
         return attn_qk, attn_vv
 
 
+def partial_cross(student: torch.Tensor, teacher: torch.Tensor, prob: float) -> torch.Tensor:
+    """Eq. 3: each element takes the teacher's value with probability ``prob``, else keeps the student's.
+
+    One uniform draw per element from torch's global generator (so a seeded or resumed
+    run draws the same masks); the teacher's values are detached.
+    """
+    swap = torch.rand(student.shape, device=student.device) < prob
+    return torch.where(swap, teacher.detach().to(student.dtype), student)
+
+
+class PartialCrossAttentionProjector(nn.Module):
+    """The paper's attention projector (Eq. 1-4), in the teacher's heads and widths.
+
+    Three 3x3 convolutions (run as one, output channels ordered q, k, v) map the student
+    feature map (B, C, H, W) to ``Q_S, K_S, V_S`` (B, H*W, h*d), tokens row-major. In
+    training mode each element of Q, K and V is swapped for the teacher's with
+    probability ``swap_prob`` (:func:`partial_cross`, masks drawn in the order q, k, v,
+    each of shape (B, H*W, h*d)); in eval mode nothing is swapped. Returns a dict:
+
+    - ``attn_out``: ``softmax(g(Q) g(K)^T / sqrt(d)) g(V)`` per head, (B, h, N, d);
+    - ``value_maps``: ``V_S V_S^T / sqrt(d)`` per head, unswapped, (B, h, N, N);
+    - ``attn_qk`` when ``score_map=True``: the head-mean pre-softmax ``Q_S K_S^T / sqrt(d)``
+      (B, N, N), unswapped: the map a PatchGAN discriminator reads.
+    """
+
+    def __init__(self, in_channels: int, num_heads: int, head_dim: int, swap_prob: float = 0.5, score_map: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.swap_prob = swap_prob
+        self.score_map = score_map
+        self.to_qkv = nn.Conv2d(in_channels, 3 * num_heads * head_dim, kernel_size=3, padding=1)
+
+    def forward(self, feature_map, teacher=None):
+        q, k, v = self.to_qkv(feature_map).flatten(2).transpose(1, 2).chunk(3, dim=-1)
+        gq, gk, gv = q, k, v
+        if self.training and self.swap_prob > 0:
+            if teacher is None:
+                raise ValueError("the partial cross attention projector needs the teacher's q, k, v in training mode")
+            gq = partial_cross(q, teacher["q"], self.swap_prob)
+            gk = partial_cross(k, teacher["k"], self.swap_prob)
+            gv = partial_cross(v, teacher["v"], self.swap_prob)
+        out = {"attn_out": attention_output(gq, gk, gv, self.num_heads), "value_maps": value_maps(v, self.num_heads)}
+        if self.score_map:
+            out["attn_qk"] = head_mean_scores(q, k, self.num_heads, self.head_dim**-0.5)
+        return out
+
+    def extra_repr(self):
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, swap_prob={self.swap_prob}"
+
+
 def window_groups(grid: int, window: int = 4):
     """Token indices (row-major on the grid) of each window, windows numbered row-major.
 
@@ -56,7 +109,8 @@ class GroupwiseLinearProjector(nn.Module):
     Weights are stored stacked, ``weight`` (G, out, in) and ``bias`` (G, out), each group
     initialised like its own ``nn.Linear``. ``batched=True`` runs all groups as one
     ``baddbmm`` over windows padded to the largest size; ``batched=False`` loops over
-    groups. Both give the same numbers; the batched form is the faster one.
+    groups. Both give the same numbers; the batched form is the faster one. ``dropout``
+    (the paper's form; 0 in the released one) drops input tokens' channels before the FCs.
     """
 
     def __init__(self, grid: int, in_dim: int, out_dim: int, window: int = 4, batched: bool = True, dropout: float = 0.0):

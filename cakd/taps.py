@@ -77,60 +77,109 @@ class ViTTaps:
     ``logits`` (B, K), ``cls_token`` (B, D) and ``patch_tokens`` (B, N, D) after the
     final LayerNorm, and, if ``attention=True``, the last block's head-mean
     ``attn_qk`` (pre-softmax q k^T / sqrt(d)) and ``attn_vv`` (unscaled v v^T),
-    both (B, N, N) with the class token dropped.
+    both (B, N, N) with the class token dropped (the released targets).
+
+    ``qkv=True`` (the paper's attention projector) adds the last block's patch-token
+    ``q``, ``k``, ``v`` (B, N, D), its per-head attention output ``attn_out``
+    ``softmax(q_h k_h^T / sqrt(d)) v_h`` (B, h, N, d) and ``value_maps``
+    ``v_h v_h^T / sqrt(d)`` (B, h, N, N), the class token dropped before the softmax.
+    Only what is asked for is computed.
     """
 
-    def __init__(self, teacher: nn.Module, attention: bool = True, tokens: bool = True):
+    def __init__(self, teacher: nn.Module, attention: bool = True, tokens: bool = True, qkv: bool = False):
         self.teacher = teacher
+        self.runner = teacher  # or its torch.compile wrapper
         self.attention = attention
+        self.qkv = qkv
         block = teacher.encoder.layers[-1]
         self.attn = block.self_attention
-        self._ln1 = _module_name(teacher, block.ln_1) if attention else None
+        self._ln1 = _module_name(teacher, block.ln_1) if attention or qkv else None
         self._ln = _module_name(teacher, teacher.encoder.ln) if tokens else None
         self.taps = FeatureTaps(teacher, [name for name in (self._ln1, self._ln) if name])
 
     def __call__(self, images):
-        logits = self.teacher(images)
+        logits = self.runner(images)
         out = {"logits": logits}
         if self._ln is not None:
             y = self.taps.pop(self._ln)
             out["cls_token"] = y[:, 0]
             out["patch_tokens"] = y[:, 1:]
-        if self.attention:
-            x = self.taps.pop(self._ln1)
-            out["attn_qk"], out["attn_vv"] = vit_score_maps(x, self.attn)
+        if self._ln1 is not None:
+            q, k, v = vit_qkv(self.taps.pop(self._ln1), self.attn)
+            heads = self.attn.num_heads
+            if self.attention:
+                out["attn_qk"], out["attn_vv"] = released_score_maps(q, k, v, heads)
+            if self.qkv:
+                out["q"], out["k"], out["v"] = q, k, v
+                out["attn_out"] = attention_output(q, k, v, heads)
+                out["value_maps"] = value_maps(v, heads)
         return out
 
     def remove(self):
         self.taps.remove()
 
 
-def vit_score_maps(x: torch.Tensor, attn: nn.MultiheadAttention):
-    """The released teacher targets, from the input ``x`` (B, 1+N, D) of ``attn``.
+def vit_qkv(x: torch.Tensor, attn: nn.MultiheadAttention):
+    """q, k, v (B, N, h*d) of the patch tokens, from the input ``x`` (B, 1+N, D) of ``attn``.
 
-    Only the patch tokens are projected: dropping the class token's row and column
-    afterwards gives the same maps.
+    Only the patch tokens are projected: each token's q, k, v depend on that token alone.
     """
-    heads = attn.num_heads
-    head_dim = attn.embed_dim // heads
-    q, k, v = nn.functional.linear(x[:, 1:], attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    attn_qk = head_mean_scores(q, k, heads, 1.0 / math.sqrt(head_dim))
-    attn_vv = head_mean_scores(v, v, heads, 1.0)
+    return nn.functional.linear(x[:, 1:], attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+
+def released_score_maps(q, k, v, num_heads: int):
+    """The released targets: head-mean ``q k^T / sqrt(d)`` and unscaled ``v v^T``."""
+    head_dim = q.shape[-1] // num_heads
+    attn_qk = head_mean_scores(q, k, num_heads, 1.0 / math.sqrt(head_dim))
+    attn_vv = head_mean_scores(v, v, num_heads, 1.0)
     return attn_qk, attn_vv
 
 
+def vit_score_maps(x: torch.Tensor, attn: nn.MultiheadAttention):
+    """The released teacher targets, from the input ``x`` (B, 1+N, D) of ``attn``.
+
+    Dropping the class token's row and column after the maps gives the same maps as
+    projecting the patch tokens alone.
+    """
+    return released_score_maps(*vit_qkv(x, attn), attn.num_heads)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, h*d) -> (B, h, N, d), head i being channels i*d:(i+1)*d as in ``nn.MultiheadAttention``."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def attention_output(q, k, v, num_heads: int) -> torch.Tensor:
+    """Per-head ``softmax(q_h k_h^T / sqrt(d)) v_h`` for (B, N, h*d) inputs -> (B, h, N, d)."""
+    return nn.functional.scaled_dot_product_attention(
+        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    )
+
+
+def value_maps(v, num_heads: int) -> torch.Tensor:
+    """Per-head ``v_h v_h^T / sqrt(d)`` for a (B, N, h*d) input -> (B, h, N, N)."""
+    vh = split_heads(v, num_heads)
+    return vh @ vh.transpose(-1, -2) * vh.shape[-1] ** -0.5
+
+
 class ResNetTaps:
-    """Taps on a torchvision ResNet student: the stage ``stage`` (e.g. ``"layer3"``) as
-    tokens (B, H*W, C), row-major, and the pooled feature (B, C') before ``fc``."""
+    """Taps on a torchvision ResNet student: the stage ``stage`` (e.g. ``"layer3"``) and the
+    pooled feature (B, C') before ``fc``."""
 
     def __init__(self, student: nn.Module, stage: str):
         self.stage = stage
         self.taps = FeatureTaps(student, [stage, "avgpool"])
 
-    def pop(self):
+    def pop_map(self):
+        """The stage output as a map (B, C, H, W), and the pooled feature."""
         feature = self.taps.pop(self.stage)
         pooled = self.taps.pop("avgpool")
-        return feature.flatten(2).transpose(1, 2), pooled.flatten(1)
+        return feature, pooled.flatten(1)
+
+    def pop(self):
+        """The stage output as row-major tokens (B, H*W, C), and the pooled feature."""
+        feature, pooled = self.pop_map()
+        return feature.flatten(2).transpose(1, 2), pooled
 
     def remove(self):
         self.taps.remove()

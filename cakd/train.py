@@ -126,7 +126,7 @@ class Run:
             self.ddp = torch.nn.parallel.DistributedDataParallel(distiller.trainable, device_ids=ids)
             distiller.set_student_runner(self.ddp)
         if args.compile:
-            distiller.set_student_runner(torch.compile(distiller._student_runner or distiller.trainable))
+            distiller.compile()
         self.ema = ExponentialMovingAverage(distiller.student, ema_decay(args), self.device) if args.model_ema else None
 
         # identical weights above; from here each rank draws its own augmentations
@@ -247,6 +247,8 @@ def train(args):
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
+        if dist_utils.is_main_process() and args.output_dir and not args.test_only:
+            _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
     elif args.test_only and args.weights:
         run.distiller.student.load_state_dict(_student_weights(args.weights))
 
@@ -288,12 +290,21 @@ def train(args):
 
 
 def _student_weights(path):
-    """A student state dict from an exported file or a training checkpoint."""
-    try:
-        state = load_checkpoint(path, training=False)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
-    return state["model"] if "model" in state and isinstance(state["model"], dict) else state
+    """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
+    from .tools import SourceCheckpoint
+
+    return SourceCheckpoint(path).student_state("student")
+
+
+def _drop_metrics_from(path, epoch):
+    """On resume, forget metrics.jsonl lines of the epochs about to be trained again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def one_line(error):

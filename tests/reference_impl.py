@@ -1,6 +1,6 @@
 """Plain, hook-free recomputation of ONE training step of the released CAKD code.
 
-Written only from `/work/shared/spec/reference.md` (sections "Taps", "Projectors",
+Written only from `docs/reference.md` (sections "Taps", "Projectors",
 "Discriminator", "Losses of one step"). It is deliberately slow and literal:
 explicit functional ops, per-head Python loops, a Python loop over the groups of the
 group-wise projector, and a functional PatchGAN. It imports nothing from `cakd`.

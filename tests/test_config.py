@@ -80,3 +80,14 @@ def test_every_distiller_number_is_a_flag():
                  "adv_real_weight", "lambda_start", "lambda_span", "lambda_max", "disc_lr_factor",
                  "disc_real_grad", "adv_to_student"):
         assert name in dests
+
+
+def test_config_key_loads_a_parent_file_first(tmp_path, capsys):
+    (tmp_path / "base.yaml").write_text("lr: 0.5\nepochs: 7\n")
+    (tmp_path / "child.yaml").write_text("config: base.yaml\nlr: 0.2\n")
+    args = parse_args(["--config", str(tmp_path / "child.yaml")])
+    assert (args.lr, args.epochs) == (0.2, 7)
+    (tmp_path / "loop.yaml").write_text("config: loop.yaml\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(tmp_path / "loop.yaml")])
+    assert "includes itself" in capsys.readouterr().err

@@ -215,3 +215,25 @@ def test_quickstart_script(tmp_path):
     assert "Epoch: [0] Total time" in result.stdout and "Test: EMA Acc@1" in result.stdout
     for name in ("checkpoint.pth", "config.yaml", "metrics.jsonl", "tensorboard"):
         assert os.path.exists(tmp_path / "qs" / name), name
+
+
+def test_test_only_weights_and_metrics_after_resume(tmp_path, capsys, data_dir):
+    """--test-only --weights takes an exported student; resuming into the same folder rewrites
+    the epochs it trains again instead of listing them twice in metrics.jsonl."""
+    import json
+
+    import cakd
+
+    out = str(tmp_path / "out")
+    flags = small_flags("baseline", data_dir, out, epochs=2)
+    assert main(flags) == 0
+    assert main(flags + ["--resume", os.path.join(out, "model_0.pth")]) == 0
+    epochs = [json.loads(line)["epoch"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert epochs == [0, 1]
+    capsys.readouterr()
+    exported = str(tmp_path / "student.pth")
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    torch.save(ckpt["model"], exported)
+    assert main(flags + ["--test-only", "--weights", exported]) == 0
+    last = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    assert f"Test: Acc@1 {last['acc1']:.3f}" in capsys.readouterr().out

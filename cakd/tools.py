@@ -1,0 +1,229 @@
+"""What the scripts around a run share (``scripts/evaluate.py``, ``export.py``,
+``attention_maps.py``, ``summarize.py``): reading "whatever the user points at" as a student,
+its EMA, its projectors or its teacher; the validation folder with the recipe's eval preset;
+the seed README's published numbers; and the one-line error convention of the trainer.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torchvision
+from torchvision.transforms import InterpolationMode
+
+from .checkpoint import CheckpointError, load_checkpoint, split_reference_state_dict
+from .data import ClassificationPresetEval, DataError, ImageFolder
+from .models import STUDENTS, build_student, build_teacher
+from .train import UserError, one_line
+
+# The seed README of the released code (its "Performance on
+# ImageNet"): ResNet-50 student, ViT-B/16 teacher, the released recipes; top-1, top-5 in %.
+PUBLISHED_SOURCE = "seed README of the released code, ImageNet val, ResNet-50 <- ViT-B/16"
+PUBLISHED = {
+    "baseline": (73.82, 91.97),
+    "logits": (74.48, 92.29),
+    "cakd": (76.21, 93.09),
+}
+
+# The eval preset of the three recipes (configs/*.yaml), for files that carry no flags.
+RECIPE_EVAL = {"val_resize_size": 224, "val_crop_size": 224, "interpolation": "bilinear"}
+DEFAULTS = {"model": "resnet50", "teacher": "vit_b_16", "teacher_weights": "IMAGENET1K_V1", "batch_size": 32, "seed": 0}
+
+
+class SourceCheckpoint:
+    """One checkpoint file, read once, whatever produced it.
+
+    ``kind``: ``"cakd"`` (a training checkpoint of this package: ``model``, ``projectors``,
+    ``model_ema``, ...), ``"released"`` (the authors' code: student and projector keys in one
+    ``model`` state dict) or ``"student"`` (a plain torchvision state dict, e.g. an export).
+    ``args``: the flags the run was trained with, as a dict (empty when the file has none).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            # the released code saved its argparse.Namespace; allow that one class, nothing else
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                contents = load_checkpoint(path, training=False)
+        except CheckpointError as error:
+            raise UserError(str(error).replace("the path given to --resume", "the path")) from None
+        if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
+            self.kind = "cakd" if "projectors" in contents else "released"
+        elif _is_state_dict(contents):
+            self.kind = "student"
+        else:
+            raise UserError(
+                f"{path} is neither a cakd checkpoint, a released-code checkpoint nor a student state dict"
+            )
+        self.contents = contents
+        args = contents.get("args") if self.kind != "student" else None
+        self.args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+    def student_state(self, which="student"):
+        """The torchvision student's state dict: the trained weights or their EMA."""
+        if which not in ("student", "ema"):
+            raise ValueError(f"which must be 'student' or 'ema', not {which!r}")
+        if self.kind == "student":
+            if which == "ema":
+                raise UserError(f"{self.path} is a plain student state dict: it has no EMA (use --which student)")
+            return dict(self.contents)
+        source = self.contents["model"] if which == "student" else self.contents.get("model_ema")
+        if source is None:
+            raise UserError(f"{self.path} has no EMA: the run was trained without --model-ema (use --which student)")
+        if which == "ema":
+            source = _unwrap_ema(source)
+        if self.kind == "released":
+            return split_reference_state_dict(source)[0]
+        return dict(source)
+
+    def projector_state(self):
+        """The attention, group-wise and token projectors, keyed as in ``StudentWithProjectors``."""
+        if self.kind == "cakd":
+            projectors = self.contents.get("projectors") or {}
+        elif self.kind == "released":
+            projectors = split_reference_state_dict(self.contents["model"])[1]
+        else:
+            projectors = {}
+        if not projectors:
+            recipe = self.args.get("recipe")
+            trained = f" (trained with the {recipe} recipe)" if recipe else ""
+            raise UserError(f"{self.path} holds no projectors{trained}: only a cakd-recipe checkpoint has a projected attention map")
+        return dict(projectors)
+
+
+def pick(checkpoint, name, flag=None):
+    """A value given on the command line, else the run's own flag (when ``checkpoint`` has
+    one), else the recipes' (:data:`RECIPE_EVAL`, :data:`DEFAULTS`)."""
+    if flag is not None:
+        return flag
+    if checkpoint is not None and checkpoint.args.get(name) is not None:
+        return checkpoint.args[name]
+    return RECIPE_EVAL.get(name, DEFAULTS.get(name))
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap_ema(state):
+    """An ``AveragedModel`` state dict (``n_averaged`` plus ``module.*``) as the module's own."""
+    state = {k: v for k, v in state.items() if k != "n_averaged"}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_student(checkpoint, which="student", model=None):
+    """A torchvision ResNet in eval mode holding the checkpoint's student (or EMA) weights.
+
+    The architecture is ``model``, else the run's ``--model``, else the one whose keys and
+    shapes the weights have, else resnet50; the class count is read from the ``fc`` weight.
+    """
+    state = checkpoint.student_state(which)
+    if "fc.weight" not in state:
+        raise UserError(f"{checkpoint.path}: its {which} weights have no fc.weight, so they are not a torchvision ResNet")
+    num_classes = state["fc.weight"].shape[0]
+    if model is None and "model" not in checkpoint.args:
+        model = infer_student(state)  # an exported file says nothing else about itself
+    arch = pick(checkpoint, "model", model)
+    try:
+        student = build_student(arch, num_classes=num_classes)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    load_strict(student, state, f"{checkpoint.path} does not fit a {arch} student", "pass --model with the student it was trained as")
+    return student.eval()
+
+
+def infer_student(state):
+    """The one ``STUDENTS`` architecture whose state dict has exactly these keys and shapes
+    (built on the meta device: no memory, no init cost), or None."""
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    num_classes = state["fc.weight"].shape[0]
+    found = []
+    for name in STUDENTS:
+        with torch.device("meta"):
+            candidate = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
+            found.append(name)
+    return found[0] if len(found) == 1 else None
+
+
+def load_strict(module, state, what, fix):
+    """``load_state_dict(strict=True)`` whose failure is one line: what, the first detail, the fix."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        detail = details[0] if details else "state dict mismatch"
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise UserError(f"{what} ({detail}): {fix}") from None
+
+
+def build_eval_teacher(name, weights, image_size, num_classes, seed=None, student=None):
+    """The teacher as the trainer builds it, in eval mode.
+
+    ``weights`` None or "none" is a random teacher: drawn with ``seed`` after a ``student``
+    of the same class count, as the trainer draws it, so a run's random teacher comes back
+    exactly when ``image_size`` is the run's training crop.
+    """
+    if str(weights).lower() in ("none", ""):
+        weights = None
+    try:
+        if weights is None and seed is not None:
+            torch.manual_seed(seed)
+            if student is not None:
+                build_student(student, num_classes=num_classes)
+        return build_teacher(name, weights, image_size=image_size, num_classes=num_classes)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        raise UserError(str(error)) from None
+
+
+def val_folder(data_path):
+    """``DATA/val`` of a training data path, or ``data_path`` itself when it is a folder of classes."""
+    if not data_path:
+        raise DataError("no data path given: pass --data-path (a folder with val/<class>/, or the val folder itself)")
+    if not os.path.isdir(data_path):
+        what = "is not a folder" if os.path.exists(data_path) else "does not exist"
+        raise DataError(f"data path {data_path} {what}: pass a folder with val/<class>/ images, or the val folder itself")
+    val = os.path.join(data_path, "val")
+    if os.path.isdir(val):
+        return val
+    if os.path.isdir(os.path.join(data_path, "train")):
+        raise DataError(f"{data_path} has train/ but no val/ folder: evaluation reads DATA/val/<class>/ images")
+    return data_path
+
+
+def build_val_dataset(data_path, resize_size, crop_size, interpolation="bilinear"):
+    """The validation ImageFolder with the recipe's eval preset (resize, center crop, normalize)."""
+    folder = val_folder(data_path)
+    try:
+        interpolation = InterpolationMode(interpolation)
+    except ValueError:
+        raise UserError(f"unknown interpolation {interpolation!r}: use bilinear, bicubic or nearest") from None
+    transform = ClassificationPresetEval(crop_size=crop_size, resize_size=resize_size, interpolation=interpolation)
+    try:
+        dataset = ImageFolder(folder, transform=transform)
+    except FileNotFoundError as error:
+        raise DataError(f"{folder} holds no usable class folders ({one_line(error)}): expected {folder}/<class>/*.JPEG") from None
+    return dataset
+
+
+def check_class_count(num_classes, dataset, what):
+    found = len(dataset.classes)
+    if num_classes != found:
+        raise UserError(
+            f"{what} predicts {num_classes} classes but {dataset.root} has {found} class folders: "
+            "evaluate on the dataset it was trained for"
+        )
+
+
+def run_and_report(body, args):
+    """Call ``body(args)``; bad input ends with one ``error:`` line on stderr and status 1."""
+    try:
+        body(args)
+        return 0
+    except (UserError, DataError, CheckpointError) as error:
+        rank = getattr(args, "rank", 0)
+        prefix = f"[rank {rank}] " if getattr(args, "world_size", 1) > 1 else ""
+        print(f"{prefix}error: {one_line(error)}", file=sys.stderr, flush=True)
+        return 1

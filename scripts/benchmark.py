@@ -1,0 +1,255 @@
+"""Time distillation steps against the ideal: one student training step plus one teacher
+forward pass, on the same student, teacher and batch, in one process.
+
+    python scripts/benchmark.py --device cpu --batch-size 8                 # the CPU table of the README
+    python scripts/benchmark.py --device cuda --batch-size 64 --dtype bf16 --channels-last
+    python scripts/benchmark.py --loader-workers 0 1 2 --data-path /data/imagenet   # loader throughput
+
+Peak memory is measured for each mode alone (CUDA max allocated on a GPU; process peak RSS
+on the CPU, reset between modes through /proc/self/clear_refs). Step times are measured with
+every mode built at once, one step of each in turn (the order rotating every round), after
+``--warmup`` rounds: machine drifts fall on every mode alike. The table gives the median step
+time, img/s, peak memory and each mode's ratio to the ideal.
+``released_style`` reproduces what made the released step slow: the teacher under autograd with
+its targets attached, so every step also back-propagates through the ViT.
+"""
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cakd
+from cakd.data import ClassificationPresetTrain, ImageFolder, loader_throughput, make_image_folder
+from cakd.distillers import CAKDDistiller
+from cakd.engine import training_step
+
+MODES = ("ideal", "baseline", "logits", "cakd", "released_style")
+
+
+class ReleasedStyleCAKD(CAKDDistiller):
+    """The released step's cost: the teacher runs with autograd on and its targets stay attached
+    (the numbers are the same, the backward pass also goes through the ViT)."""
+
+    def run_teacher(self, images):
+        self._teacher.requires_grad_(True)
+        return self._teacher_taps(images)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--student", default="resnet50")
+    p.add_argument("--teacher", default="vit_b_16")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp32: none)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (with its projectors) and the teacher")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="none: only the loader measurement")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also measure loader throughput for these worker counts")
+    p.add_argument("--data-path", default=None, help="ImageFolder root (with train/) for the loader measurement; default: generated JPEGs")
+    p.add_argument("--loader-batches", type=int, default=10)
+    return p.parse_args(argv)
+
+
+def train_flags(args):
+    """The subset of cakd.train's flags that ``training_step`` reads."""
+    return argparse.Namespace(
+        amp=args.dtype != "fp32",
+        amp_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, "float16"),
+        clip_grad_norm=None,
+    )
+
+
+def reset_peak_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next peak is this mode's
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ideal_step(student, teacher, optimizer, images, targets, flags, device):
+    """One plain student step (CE, backward, SGD) and one teacher forward in inference mode."""
+    with cakd.engine.autocast(flags, device):
+        with torch.inference_mode():
+            teacher(images)
+        loss = F.cross_entropy(student(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def build_mode(mode, student, teacher, args, device, memory_format):
+    """Returns a zero-argument step function for ``mode`` and a cleanup function."""
+    student = copy.deepcopy(student)
+    if mode == "ideal":
+        student.to(device, memory_format=memory_format)
+        teacher_run = torch.compile(teacher) if args.compile else teacher
+        student_run = torch.compile(student) if args.compile else student
+        optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+        return (lambda images, targets, flags: ideal_step(student_run, teacher_run, optimizer, images, targets, flags, device)), (
+            lambda: None
+        )
+    distiller = cakd.build_distiller("cakd" if mode == "released_style" else mode, student, teacher)
+    if mode == "released_style":
+        distiller.__class__ = ReleasedStyleCAKD  # same modules and numbers, the released cost
+    distiller.to(device, memory_format=memory_format)
+    distiller.train()
+    if args.compile:
+        distiller.compile()
+    optimizer = torch.optim.SGD(distiller.trainable.parameters(), lr=1e-3, momentum=0.9)
+    disc_optimizer = None
+    if distiller.discriminator is not None:
+        disc_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=1e-5, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
+
+    def step(images, targets, flags):
+        return training_step(distiller, images, targets, 40, optimizer, disc_optimizer, scaler, flags, device)["total"]
+
+    def cleanup():
+        distiller.close()
+        teacher.requires_grad_(False)
+
+    return step, cleanup
+
+
+def peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format):
+    """Peak memory of one mode alone: build it, run a few steps, tear it down."""
+    flags = train_flags(args)
+    reset_peak_memory(device)
+    step, cleanup = build_mode(mode, student, teacher, args, device, memory_format)
+    for _ in range(args.warmup):
+        loss = step(images, targets, flags)
+    if not torch.isfinite(loss.detach()).item():
+        raise RuntimeError(f"{mode}: non-finite loss")
+    peak = peak_memory_mib(device)
+    cleanup()
+    return peak
+
+
+def time_modes(student, teacher, images, targets, args, device, memory_format):
+    """Median step time of every mode, all built at once and stepped in turn (a rotated order
+    each round), so drifts of the machine fall on every mode alike."""
+    flags = train_flags(args)
+    steps = {mode: build_mode(mode, student, teacher, args, device, memory_format) for mode in args.modes}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {mode: [] for mode in args.modes}
+    modes = list(args.modes)
+    for r in range(args.warmup + args.steps):
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            sync()
+            start = time.perf_counter()
+            steps[mode][0](images, targets, flags)
+            sync()
+            if r >= args.warmup:
+                times[mode].append(time.perf_counter() - start)
+    for _, cleanup in steps.values():
+        cleanup()
+    return times
+
+
+def measure_loader(args):
+    """Decoded and augmented images per second (per worker) with the cakd training preset."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_path or make_image_folder(tmp, num_classes=4, train_per_class=32, val_per_class=1, size=400)
+        preset = ClassificationPresetTrain(
+            crop_size=args.image_size, auto_augment_policy="ta_wide", random_erase_prob=0.1
+        )
+        dataset = ImageFolder(os.path.join(root, "train"), transform=preset)
+        for workers in args.loader_workers:
+            row = loader_throughput(dataset, workers, args.batch_size, args.loader_batches)
+            rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    student = cakd.build_student(args.student, num_classes=args.num_classes)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        teacher = cakd.build_teacher(args.teacher, weights=None, image_size=args.image_size, num_classes=args.num_classes)
+    teacher.to(device, memory_format=memory_format)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
+    targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# {args.student} <- {args.teacher}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
+    if not args.modes and not args.loader_workers:
+        raise SystemExit("nothing to measure: give --modes and/or --loader-workers")
+    peaks = {mode: peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format) for mode in args.modes}
+    times = time_modes(student, teacher, images, targets, args, device, memory_format) if args.modes else {}
+    rows = []
+    for mode in args.modes:
+        median = statistics.median(times[mode])
+        rows.append({"mode": mode, "median_s": median, "img_per_s": args.batch_size / median, "peak_mib": peaks[mode],
+                     "times_s": times[mode]})
+    ideal = next((r for r in rows if r["mode"] == "ideal"), None)
+    if rows:
+        print("| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |")
+        print("|---|---|---|---|---|---|")
+    for r in rows:
+        if ideal:
+            r["time_ratio"] = r["median_s"] / ideal["median_s"]
+            r["memory_ratio"] = r["peak_mib"] / ideal["peak_mib"]
+        ratios = f"{r['time_ratio']:.3f} | {r['memory_ratio']:.3f}" if ideal else "- | -"
+        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |")
+    loader_rows = measure_loader(args) if args.loader_workers else []
+    if loader_rows:
+        print("\n| loader workers | img/s | img/s per worker |")
+        print("|---|---|---|")
+        for r in loader_rows:
+            print(f"| {r['workers']} | {r['images_per_s']:.1f} | {r['images_per_s_per_worker']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "device": device_name, "torch": torch.__version__, "steps": rows,
+                       "loader": loader_rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

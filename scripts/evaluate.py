@@ -1,0 +1,144 @@
+"""Top-1 / top-5 on an ImageFolder ``val/`` of a training checkpoint (student or EMA), an
+exported student, a released-code checkpoint, or the teacher; with the recipe's eval preset.
+
+    python scripts/evaluate.py --checkpoint runs/cakd/checkpoint.pth [--which student|ema|teacher]
+        [--data-path DIR] [--json FILE]
+    torchrun --nproc_per_node=8 scripts/evaluate.py --checkpoint ... --device cuda
+
+Settings the run was trained with (student, eval sizes, batch size, data path, teacher) are read
+from the checkpoint's saved flags; a flag given here wins. Under torchrun each process takes
+``rank::world_size`` of the images, so the numbers count every image exactly once.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
+
+from cakd import distributed as dist_utils  # noqa: E402
+from cakd.data import ShardSampler  # noqa: E402
+from cakd.engine import evaluate  # noqa: E402
+from cakd.logging import print_main  # noqa: E402
+from cakd.tools import (  # noqa: E402
+    DEFAULTS,
+    RECIPE_EVAL,
+    SourceCheckpoint,
+    UserError,
+    build_eval_teacher,
+    build_val_dataset,
+    check_class_count,
+    load_student,
+    pick,
+    run_and_report,
+)
+
+HEADERS = {"student": "Test:", "ema": "Test: EMA", "teacher": "Test: teacher"}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val")
+    run = "the run's"  # most defaults come from the flags saved in the checkpoint
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="cakd checkpoint.pth / model_N.pth, an exported student .pth, or a released-code checkpoint "
+        "(optional with --which teacher)",
+    )
+    p.add_argument("--which", default="student", choices=["student", "ema", "teacher"], help="what to evaluate (default: student)")
+    p.add_argument(
+        "--data-path", default=None, help=f"folder with val/<class>/, or the val folder itself (default: {run} --data-path)"
+    )
+    p.add_argument("--model", "--student", dest="model", default=None, help=f"student architecture (default: {run}, else inferred)")
+    p.add_argument("--teacher", default=None, help=f"teacher for --which teacher (default: {run}, else vit_b_16)")
+    p.add_argument("--teacher-weights", default=None, help=f"IMAGENET1K_V1, a .pth file, or none (default: {run}, else IMAGENET1K_V1)")
+    p.add_argument("--val-resize-size", default=None, type=int, help=f"eval resize (default: {run}, else {RECIPE_EVAL['val_resize_size']})")
+    p.add_argument("--val-crop-size", default=None, type=int, help=f"eval center crop (default: {run}, else {RECIPE_EVAL['val_crop_size']})")
+    p.add_argument("--interpolation", default=None, help=f"resize interpolation (default: {run}, else bilinear)")
+    p.add_argument("-b", "--batch-size", default=None, type=int, help=f"images per process (default: {run}, else {DEFAULTS['batch_size']})")
+    p.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process (default: 4)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when visible)")
+    p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=f"autocast (default: {run})")
+    p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help=f"autocast dtype (default: {run})")
+    p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
+    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation (torchrun sets it)")
+    return p
+
+
+def build_model(args, checkpoint, dataset, crop):
+    """The module to evaluate and a one-line description of it."""
+    if args.which == "teacher":
+        name = pick(checkpoint, "teacher", args.teacher)
+        weights = pick(checkpoint, "teacher_weights", args.teacher_weights)
+        if str(weights).lower() in ("none", ""):
+            print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            # checks the class count; a random teacher is the run's own, drawn again from its seed
+            seed, student = pick(checkpoint, "seed"), pick(checkpoint, "model", args.model)
+            teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)
+        return teacher, f"teacher {name} ({weights})"
+    student = load_student(checkpoint, args.which, args.model)
+    check_class_count(student.fc.out_features, dataset, f"{checkpoint.path} ({args.which})")
+    return student, f"{args.which} of {checkpoint.path} ({checkpoint.kind} checkpoint)"
+
+
+def run(args):
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible: pass --device cpu")
+    if args.checkpoint is None and args.which != "teacher":
+        raise UserError(f"--which {args.which} needs --checkpoint")
+    dist_utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    checkpoint = SourceCheckpoint(args.checkpoint) if args.checkpoint else None
+
+    crop = pick(checkpoint, "val_crop_size", args.val_crop_size)
+    dataset = build_val_dataset(
+        pick(checkpoint, "data_path", args.data_path),
+        pick(checkpoint, "val_resize_size", args.val_resize_size),
+        crop,
+        pick(checkpoint, "interpolation", args.interpolation),
+    )
+    # engine.evaluate reads these from args, as the trainer's evaluation does
+    args.amp = bool(pick(checkpoint, "amp", args.amp))
+    args.amp_dtype = pick(checkpoint, "amp_dtype", args.amp_dtype) or "float16"
+    args.channels_last = bool(pick(checkpoint, "channels_last", args.channels_last))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    model, what = build_model(args, checkpoint, dataset, crop)
+    model.to(device, memory_format=memory_format)
+    sampler = ShardSampler(dataset) if args.distributed else SequentialSampler(dataset)
+    batch_size = pick(checkpoint, "batch_size", args.batch_size)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
+    )
+    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {args.world_size} process(es))")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    acc1, acc5 = evaluate(model, loader, device, args, HEADERS[args.which])
+    if args.json and dist_utils.is_main_process():
+        record = {"which": args.which, "checkpoint": args.checkpoint, "data": dataset.root, "images": len(dataset)}
+        record.update(acc1=acc1, acc5=acc5)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    return acc1, acc5
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return run_and_report(run, args)
+    finally:
+        dist_utils.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

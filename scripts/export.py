@@ -1,0 +1,105 @@
+"""A checkpoint's student (or its EMA) as a plain torchvision state dict.
+
+    python scripts/export.py --checkpoint runs/cakd/checkpoint.pth --which ema --output resnet50_cakd_ema.pth
+
+The file loads with ``torchvision.models.get_model(arch, num_classes=K).load_state_dict(sd)``
+(strict). Before writing, that very load is done on the serialized bytes and the logits on a
+random batch are compared with the checkpoint's student as the training code loads it
+(``model``, or ``model_ema`` through the EMA wrapper); the file is written only if they are equal.
+"""
+import argparse
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from cakd.checkpoint import export_student, save_atomic  # noqa: E402
+from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
+from cakd.models import build_student  # noqa: E402
+from cakd.optim import ExponentialMovingAverage  # noqa: E402
+from cakd.tools import SourceCheckpoint, UserError, load_strict, load_student, pick, run_and_report  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Export a checkpoint's student (or EMA) as a plain torchvision state dict")
+    p.add_argument("--checkpoint", required=True, help="cakd checkpoint.pth / model_N.pth, or a released-code checkpoint")
+    p.add_argument("--which", default="student", choices=["student", "ema"], help="the trained student or its EMA (default: student)")
+    p.add_argument("--output", required=True, help="the .pth file to write")
+    p.add_argument("--model", "--student", dest="model", default=None, help="student architecture (default: the run's, else resnet50)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    return p
+
+
+def reference_student(checkpoint, which, arch):
+    """The student as the code that wrote the checkpoint holds it: the yardstick of the check."""
+    validated = load_student(checkpoint, which, arch)  # one clear line for a wrong --model or file
+    if checkpoint.kind == "student":
+        return validated
+    student = build_student(arch, num_classes=validated.fc.out_features)
+    if checkpoint.kind == "released":  # the package's importer, as for a released run
+        distiller = BaselineDistiller(StudentWithProjectors(student))
+        source = checkpoint.contents["model"] if which == "student" else checkpoint.contents["model_ema"]
+        source = {k: v for k, v in source.items() if k != "n_averaged"}
+        try:
+            distiller.load_reference_state_dict(source)
+        except ValueError as error:
+            raise UserError(f"{checkpoint.path}: {error}") from None
+        return distiller.student.eval()
+    if which == "ema":  # the trainer's EMA wrapper reads model_ema as saved
+        ema = ExponentialMovingAverage(student, decay=0.0)
+        load_strict(ema, checkpoint.contents["model_ema"], f"{checkpoint.path}'s EMA does not fit a {arch}", "pass --model")
+        return ema.module.eval()
+    load_strict(student, checkpoint.contents["model"], f"{checkpoint.path} does not fit a {arch} student", "pass --model")
+    return student.eval()
+
+
+@torch.no_grad()
+def check_round_trip(state, reference, arch, crop):
+    """Serialize ``state``, load it strictly into a fresh torchvision model, compare logits.
+
+    Returns the max abs logit difference (0.0 when they are identical)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, map_location="cpu", weights_only=True)
+    num_classes = state["fc.weight"].shape[0]
+    plain = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    load_strict(plain, loaded, f"the export does not load into torchvision.models.{arch}", "this is a bug, please report it")
+    plain.eval()
+    images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    expected, got = reference(images), plain(images)
+    return (expected - got).abs().max().item(), tuple(images.shape), num_classes
+
+
+def run(args):
+    if os.path.exists(args.output) and os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
+        raise UserError(f"--output {args.output} is the checkpoint itself: choose another file")
+    if os.path.exists(args.output) and not args.force:
+        raise UserError(f"{args.output} exists: pass --force to overwrite it")
+    checkpoint = SourceCheckpoint(args.checkpoint)
+    arch = pick(checkpoint, "model", args.model)
+    reference = reference_student(checkpoint, args.which, arch)
+    state = export_student(reference)
+    crop = pick(checkpoint, "val_crop_size")
+    diff, shape, num_classes = check_round_trip(state, reference, arch, crop)
+    verdict = "identical" if diff == 0 else "DIFFERENT"
+    print(
+        f"check: loads strictly into torchvision.models.{arch}(num_classes={num_classes}); "
+        f"logits on a random {'x'.join(map(str, shape))} batch vs the checkpoint's {args.which}: max abs diff {diff:.3g} ({verdict})"
+    )
+    if diff != 0:
+        raise UserError(f"the exported {args.which} gives other logits than the checkpoint's (max abs diff {diff:.3g}): not written")
+    save_atomic(state, args.output)
+    print(f"wrote {args.output}: {args.which} of {args.checkpoint} ({checkpoint.kind} checkpoint), {len(state)} tensors")
+
+
+def main(argv=None):
+    return run_and_report(run, get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The scripts around a run (scripts/evaluate.py, export.py, attention_maps.py, summarize.py),
+on one tiny CAKD run trained here: evaluation agrees with the trainer's own, exports load into
+torchvision with the same logits, the pictures decode with the expected size, the summary
+table holds the runs' and the published numbers."""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torchvision
+
+from cakd.data import make_image_folder
+from cakd.train import main as train_main
+from test_train import free_port, small_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+VAL_IMAGES = 21  # 7 classes x 3: top-5 is not always 100, and an odd count splits 11 + 10 over two processes
+
+
+def load_script(name):
+    """``scripts/<name>.py`` as a module, to call its ``main(argv)`` in this process."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPTS = {name: load_script(name) for name in ("evaluate", "export", "attention_maps", "summarize")}
+
+
+def call(name, argv, capsys):
+    """Run a script's main; returns (exit status, stdout, stderr lines)."""
+    code = SCRIPTS[name].main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64)."""
+    root = tmp_path_factory.mktemp("scripts")
+    data = make_image_folder(str(root / "data"), num_classes=7, train_per_class=3, val_per_class=3, size=72)
+    out = str(root / "run")
+    assert train_main(small_flags("cakd", data, out, epochs=1)) == 0
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        record = json.loads(f.read().splitlines()[-1])
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    return SimpleNamespace(data=data, out=out, checkpoint=checkpoint, record=record, root=root)
+
+
+def decode_png(path):
+    with warnings.catch_warnings():  # torchvision 0.29 marks its PNG codec deprecated (TorchCodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torchvision.io.decode_png(torchvision.io.read_file(str(path)))
+
+
+def trainer_line(header, acc1, acc5):
+    return f"{header} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({VAL_IMAGES} images)"
+
+
+def released_checkpoint(trained, path):
+    """The trained run rewritten in the released code's layout (see tests/test_checkpoint.py):
+    student and projectors in one ``model`` dict, 16 group Linears as ``fc_layer_{g}``, the
+    never-used ``pca_proj.to_out``, an EMA of the whole module, ``args`` an argparse.Namespace."""
+    ckpt = torch.load(trained.checkpoint, weights_only=True)
+    projectors = ckpt["projectors"]
+
+    def released(student):
+        state = dict(student)
+        state["pca_proj.to_qkv.weight"] = projectors["pca_proj.to_qkv.weight"]
+        width = projectors["pca_proj.to_qkv.weight"].shape[0] // 3
+        state["pca_proj.to_out.0.weight"] = torch.randn(width, width)
+        state["pca_proj.to_out.0.bias"] = torch.randn(width)
+        for g in range(projectors["gl_proj.weight"].shape[0]):
+            state[f"gl_proj.layers.fc_layer_{g}.weight"] = projectors["gl_proj.weight"][g]
+            state[f"gl_proj.layers.fc_layer_{g}.bias"] = projectors["gl_proj.bias"][g]
+        state["cls_proj.weight"], state["cls_proj.bias"] = projectors["cls_proj.weight"], projectors["cls_proj.bias"]
+        return state
+
+    ema = {k[len("module."):]: v for k, v in ckpt["model_ema"].items() if k != "n_averaged"}
+    args = argparse.Namespace(model="resnet18", val_resize_size=64, val_crop_size=64, batch_size=4, data_path=trained.data,
+                              interpolation="bilinear", teacher="vit_b_16", teacher_weights="none", seed=0)
+    model_ema = {"n_averaged": ckpt["model_ema"]["n_averaged"], **{"module." + k: v for k, v in released(ema).items()}}
+    torch.save({"model": released(ckpt["model"]), "model_ema": model_ema, "optimizer": {}, "lr_scheduler": {},
+                "epoch": 0, "args": args}, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py
+# ----------------------------------------------------------------------------------------------
+def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
+    """Student and EMA of the checkpoint, an exported student, and the released layout of the
+    same weights all give exactly the numbers the trainer wrote to metrics.jsonl."""
+    r = trained.record
+    exported = str(tmp_path / "student.pth")
+    assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
+    released = released_checkpoint(trained, str(tmp_path / "released.pth"))
+    eval_flags = ["--data-path", trained.data, "--val-resize-size", 64, "--val-crop-size", 64, "--batch-size", 4]
+    cases = [
+        ([trained.checkpoint, "--which", "student"], "Test:", "acc1", "acc5"),
+        ([trained.checkpoint, "--which", "ema"], "Test: EMA", "ema_acc1", "ema_acc5"),
+        ([exported, *eval_flags], "Test:", "acc1", "acc5"),  # no args in the file: arch inferred, sizes given
+        ([released, "--which", "student"], "Test:", "acc1", "acc5"),
+        ([released, "--which", "ema"], "Test: EMA", "ema_acc1", "ema_acc5"),
+    ]
+    for argv, header, top1, top5 in cases:
+        numbers = tmp_path / "numbers.json"
+        code, out, err = call("evaluate", ["--checkpoint", *argv, "--workers", 0, "--json", numbers], capsys)
+        assert code == 0, err
+        assert trainer_line(header, r[top1], r[top5]) in out, (argv, out[-500:])
+        written = json.loads(numbers.read_text())
+        assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
+
+
+def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
+    numbers = tmp_path / "ema.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "evaluate.py"), "--checkpoint",
+           trained.checkpoint, "--which", "ema", "--device", "cpu", "--workers", "0", "--json", str(numbers)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    r = trained.record
+    assert trainer_line("Test: EMA", r["ema_acc1"], r["ema_acc5"]) in result.stdout
+    assert "2 process(es)" in result.stdout and result.stdout.count("Test: EMA Acc@1") == 1  # rank 0 prints
+    written = json.loads(numbers.read_text())
+    assert (written["acc1"], written["acc5"]) == (r["ema_acc1"], r["ema_acc5"])
+
+
+def test_evaluate_the_teacher_and_bad_input(trained, tmp_path, capsys):
+    code, out, err = call("evaluate", ["--checkpoint", trained.checkpoint, "--which", "teacher", "--workers", 0], capsys)
+    assert code == 0, err
+    assert f"({VAL_IMAGES} images)" in out and "Test: teacher Acc@1" in out and "random teacher" in out
+
+    head_only = tmp_path / "vit_1000_classes.pth"  # enough for the class check, which comes first
+    torch.save({"heads.head.weight": torch.zeros(1000, 768)}, head_only)
+    two_classes = make_image_folder(str(tmp_path / "two"), num_classes=2, train_per_class=1, val_per_class=1, size=72)
+    exported = str(tmp_path / "student.pth")
+    assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
+    bad = [
+        (["--checkpoint", trained.checkpoint, "--which", "teacher", "--teacher-weights", head_only], "predict 1000 classes, not 7"),
+        (["--checkpoint", trained.checkpoint, "--data-path", two_classes], "predicts 7 classes but"),
+        (["--checkpoint", exported, "--which", "ema", "--data-path", trained.data], "is a plain student state dict: it has no EMA"),
+        (["--checkpoint", exported, "--model", "resnet34", "--data-path", trained.data], "does not fit a resnet34 student"),
+        (["--checkpoint", str(tmp_path / "missing.pth")], "missing.pth does not exist"),
+        (["--checkpoint", exported], "no data path given"),
+        (["--which", "student"], "--which student needs --checkpoint"),
+    ]
+    for argv, message in bad:
+        code, out, err = call("evaluate", [*argv, "--workers", 0], capsys)
+        assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+
+
+# ----------------------------------------------------------------------------------------------
+# export.py
+# ----------------------------------------------------------------------------------------------
+def test_export_round_trips_with_identical_logits(trained, tmp_path, capsys):
+    ckpt = torch.load(trained.checkpoint, weights_only=True)
+    images = torch.randn(3, 3, 64, 64)
+    for which in ("student", "ema"):
+        path = tmp_path / f"{which}.pth"
+        code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", which, "--output", path], capsys)
+        assert code == 0, err
+        assert "max abs diff 0 (identical)" in out and "torchvision.models.resnet18(num_classes=7)" in out
+        plain = torchvision.models.get_model("resnet18", num_classes=7)
+        plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        trained_student = torchvision.models.resnet18(num_classes=7)
+        if which == "student":
+            trained_student.load_state_dict(ckpt["model"])
+        else:  # the EMA as the trainer keeps it: an AveragedModel around the student
+            averaged = torch.optim.swa_utils.AveragedModel(trained_student, use_buffers=True)
+            averaged.load_state_dict(ckpt["model_ema"])
+            trained_student = averaged.module
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(images), trained_student.eval()(images))
+
+    path = tmp_path / "student.pth"
+    before = path.read_bytes()
+    code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", "ema", "--output", path], capsys)
+    assert code == 1 and len(err) == 1 and "exists: pass --force" in err[0]
+    assert path.read_bytes() == before
+    code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", "ema", "--output", path, "--force"], capsys)
+    assert code == 0 and path.read_bytes() != before
+    assert set(os.listdir(tmp_path)) == {"student.pth", "ema.pth"}  # no temporary file left behind
+
+
+def test_export_command_line_error_is_one_line(tmp_path):
+    """Run as ``python scripts/export.py``: bad input is one ``error:`` line and status 1."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--checkpoint",
+                             str(tmp_path / "none.pth"), "--output", str(tmp_path / "out.pth")],
+                            capture_output=True, text=True, env=ENV, cwd=str(tmp_path), timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'none.pth'} does not exist: check the path"]
+    assert not (tmp_path / "out.pth").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# attention_maps.py
+# ----------------------------------------------------------------------------------------------
+def test_attention_maps_png(trained, tmp_path, capsys):
+    png = tmp_path / "maps" / "attention.png"
+    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", png, "--num-images", 3,
+                                             "--cell", 40, "--pad", 3], capsys)
+    assert code == 0, err
+    image = decode_png(png)
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 3 * 40 + 4 * 3, 3 * 40 + 4 * 3)
+    first_teacher_cell = image[:, 3 : 3 + 40, 3 : 3 + 40].float()
+    assert first_teacher_cell.std() > 0  # a map, not a blank cell
+    assert out.count("row ") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
+
+    # the same weights in the released layout draw the same picture (the random teacher is redrawn from the seed)
+    released = released_checkpoint(trained, str(tmp_path / "released.pth"))
+    again = tmp_path / "released.png"
+    code, out, err = call("attention_maps", ["--checkpoint", released, "--output", again, "--num-images", 3,
+                                             "--cell", 40, "--pad", 3], capsys)
+    assert code == 0, err
+    assert again.read_bytes() == png.read_bytes()
+
+    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", again, "--num-images", 1,
+                                             "--cell", 16, "--pad", 0, "--batch-stats"], capsys)
+    assert code == 0 and tuple(decode_png(again).shape) == (3, 16, 48) and "batch statistics" in out
+
+    exported = str(tmp_path / "student.pth")
+    assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
+    code, out, err = call("attention_maps", ["--checkpoint", exported, "--output", tmp_path / "x.png"], capsys)
+    assert code == 1 and len(err) == 1 and "holds no projectors" in err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# summarize.py
+# ----------------------------------------------------------------------------------------------
+def synthesized_run(folder, recipe, epochs, records):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        f.write(f"recipe: {recipe}\nepochs: {epochs}\nmodel: resnet50\n")
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return folder
+
+
+def test_summarize_table_and_plot(trained, tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    baseline = synthesized_run(str(tmp_path / "baseline"), "baseline", 90, [
+        {"epoch": 0, "acc1": 10.5, "acc5": 30.25},
+        {"epoch": 1, "acc1": 41.75, "acc5": 70.5},
+        {"epoch": 1, "acc1": 40.0, "acc5": 71.0},  # epoch 1 again (resumed run): the last line counts
+        {"epoch": 2, "acc1": 39.5, "acc5": 72.25},
+    ])
+    logits = str(tmp_path / "logits")  # TensorBoard only
+    writer = SummaryWriter(os.path.join(logits, "tensorboard"))
+    for epoch, (a1, a5, e1, e5) in enumerate([(20.25, 50.5, 18.0, 45.75), (35.5, 66.25, 30.5, 60.0)]):
+        for name, value in (("acc1", a1), ("acc5", a5), ("ema_acc1", e1), ("ema_acc5", e5)):
+            writer.add_scalar("val/" + name, value, epoch)
+    writer.close()
+    with open(os.path.join(logits, "config.yaml"), "w") as f:
+        f.write("recipe: logits\nepochs: 120\n")
+
+    png = tmp_path / "top1.png"
+    code, out, err = call("summarize", [baseline, logits, trained.out, "--plot", png, "--plot-size", "500x300"], capsys)
+    assert code == 0, err
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert rows[baseline].split(" | ")[1:] == ["baseline", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–", "73.82 / 91.97 |"]
+    assert rows[logits].split(" | ")[1:] == ["logits", "2/120", "35.50 / 35.50", "66.25 / 66.25", "30.50 / 30.50",
+                                             "60.00 / 60.00", "74.48 / 92.29 |"]
+    r = trained.record
+    cells = rows[trained.out].split(" | ")[1:]
+    assert cells[:3] == ["cakd", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
+    assert cells[4] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "76.21 / 93.09 |"
+    image = decode_png(png)
+    assert tuple(image.shape) == (3, 300, 500) and (image != 255).any()
+    assert "1. " + baseline + ": blue" in out and "3. " + trained.out + ": green" in out
+
+    code, out, err = call("summarize", [str(tmp_path / "nowhere")], capsys)
+    assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]
