@@ -237,3 +237,13 @@ def test_test_only_weights_and_metrics_after_resume(tmp_path, capsys, data_dir):
     assert main(flags + ["--test-only", "--weights", exported]) == 0
     last = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
     assert f"Test: Acc@1 {last['acc1']:.3f}" in capsys.readouterr().out
+
+
+def test_fp16_autocast_with_grad_scaler(tmp_path, capsys, data_dir):
+    """--amp with float16 steps both optimizers through one GradScaler and checkpoints it."""
+    out = str(tmp_path / "out")
+    flags = small_flags("cakd", data_dir, out, epochs=1) + ["--amp", "--amp-dtype", "float16"]
+    code, err = run_main(flags, capsys)
+    assert code == 0, err
+    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
