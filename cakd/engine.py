@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .distributed import any_rank, average_gradients
-from .logging import Accuracy, MetricLogger, TensorMeter, print_main
+from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
 
 
 class TrainingError(Exception):
@@ -80,15 +80,6 @@ def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, 
     return losses
 
 
-@torch.no_grad()
-def batch_accuracy(logits, targets, topk=(1, 5)):
-    if targets.ndim == 2:
-        targets = targets.argmax(dim=1)
-    k = min(max(topk), logits.shape[1])
-    hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
-    return [hits[:, :kk].any(dim=1).float().mean() * 100 for kk in topk]
-
-
 def train_one_epoch(run, epoch, start_step=0):
     """Train ``run`` (a :class:`cakd.train.Run`) for one epoch from ``start_step``.
 
@@ -124,7 +115,7 @@ def train_one_epoch(run, epoch, start_step=0):
         detached = {name: value.detach() for name, value in losses.items()}
         nonfinite |= ~torch.isfinite(detached["total"])
         logger.update(n=images.shape[0], **{f"loss_{k}" if k != "total" else "loss": v for k, v in detached.items()})
-        acc1, acc5 = batch_accuracy(distiller.last_logits, targets)
+        acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
         logger.update(n=images.shape[0], acc1=acc1, acc5=acc5)
         logger.meters["lr"].update(run.optimizer.param_groups[0]["lr"])
         logger.meters["img/s"].update(images.shape[0] / (time.time() - start_time))

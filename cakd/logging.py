@@ -129,6 +129,17 @@ def print_main(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+@torch.no_grad()
+def topk_correct(logits, targets, topk=(1, 5)):
+    """Per k, how many samples have their label among the top-k logits (soft MixUp/CutMix
+    targets count by their largest class), as one device tensor."""
+    if targets.ndim == 2:
+        targets = targets.argmax(dim=1)
+    k = min(max(topk), logits.shape[1])
+    hits = logits.topk(k, dim=1).indices.eq(targets[:, None])
+    return torch.stack([hits[:, :kk].any(dim=1).sum() for kk in topk])
+
+
 class Accuracy:
     """Top-k correct counts summed on the device and reduced across ranks once."""
 
@@ -137,15 +148,8 @@ class Accuracy:
         self.correct = torch.zeros(len(topk), device=device, dtype=torch.float64)
         self.count = torch.zeros((), device=device, dtype=torch.float64)
 
-    @torch.no_grad()
     def update(self, logits, targets):
-        if targets.ndim == 2:  # soft targets after MixUp/CutMix
-            targets = targets.argmax(dim=1)
-        k = min(max(self.topk), logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hits = top.eq(targets[:, None])
-        for j, kk in enumerate(self.topk):
-            self.correct[j] += hits[:, :kk].any(dim=1).sum()
+        self.correct += topk_correct(logits, targets, self.topk)
         self.count += targets.shape[0]
 
     def compute(self):

@@ -56,10 +56,6 @@ class FeatureTaps:
         _remove_all(self._handles)
         self.outputs.clear()
 
-    @property
-    def active(self):
-        return len(self._handles) > 0
-
 
 def head_mean_scores(a: torch.Tensor, b: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """``mean_h(a_h @ b_h^T) * scale`` for (B, N, h*d) inputs, as one batched matmul.
@@ -175,11 +171,6 @@ class ResNetTaps:
         feature = self.taps.pop(self.stage)
         pooled = self.taps.pop("avgpool")
         return feature, pooled.flatten(1)
-
-    def pop(self):
-        """The stage output as row-major tokens (B, H*W, C), and the pooled feature."""
-        feature, pooled = self.pop_map()
-        return feature.flatten(2).transpose(1, 2), pooled
 
     def remove(self):
         self.taps.remove()
