@@ -187,12 +187,31 @@ class Run:
         for key in ("recipe", "model", "teacher"):
             if key in saved and saved[key] != getattr(self.args, key):
                 raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(self.args, key)}")
+        try:
+            self._load_states(ckpt, path)
+        except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of other flags
+            raise UserError(
+                f"{path} does not fit this run ({one_line(error)[:160]}): resume with the flags it was "
+                "trained with (its config.yaml)"
+            ) from None
+        if self.args.test_only:
+            return ckpt["epoch"], 0
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.args.world_size:
+            restore_rng_state(rng[self.args.rank])
+        else:
+            print_main(f"note: {path} was written by {len(rng)} processes, not {self.args.world_size}: RNG streams restart")
+        if ckpt.get("step") is not None:
+            return ckpt["epoch"], ckpt["step"]
+        return ckpt["epoch"] + 1, 0
+
+    def _load_states(self, ckpt, path):
         d = self.distiller
         d.student.load_state_dict(ckpt["model"])
         if self.args.test_only:
             if self.ema is not None and ckpt.get("model_ema") is not None:
                 self.ema.load_state_dict(ckpt["model_ema"])
-            return ckpt["epoch"], 0
+            return
         d.trainable.load_state_dict({**{"student." + k: v for k, v in ckpt["model"].items()}, **ckpt["projectors"]})
         for obj, key in (
             (d.discriminator, "discriminator"),
@@ -207,14 +226,6 @@ class Run:
                 if ckpt.get(key) is None:
                     raise UserError(f"{path} holds no {key} state, which this run needs: resume with the same flags")
                 obj.load_state_dict(ckpt[key])
-        rng = ckpt.get("rng") or []
-        if len(rng) == self.args.world_size:
-            restore_rng_state(rng[self.args.rank])
-        else:
-            print_main(f"note: {path} was written by {len(rng)} processes, not {self.args.world_size}: RNG streams restart")
-        if ckpt.get("step") is not None:
-            return ckpt["epoch"], ckpt["step"]
-        return ckpt["epoch"] + 1, 0
 
     # ---- evaluation ----------------------------------------------------------------
     def evaluate(self, epoch=None):

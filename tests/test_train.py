@@ -122,6 +122,14 @@ def test_resume_from_a_corrupt_or_missing_file(tmp_path, capsys, data_dir):
     assert code == 1 and len(err) == 1 and "no.pth does not exist" in err[0]
 
 
+def test_resume_with_other_distiller_flags_is_one_clear_error(tmp_path, capsys, data_dir):
+    out = str(tmp_path / "out")
+    assert run_main(small_flags("cakd", data_dir, out, epochs=1), capsys)[0] == 0
+    flags = small_flags("cakd", data_dir, out, epochs=2) + ["--resume", os.path.join(out, "checkpoint.pth"), "--use-token", "false"]
+    code, err = run_main(flags, capsys)
+    assert code == 1 and len(err) == 1 and "does not fit this run" in err[0] and "config.yaml" in err[0]
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, data_dir):
     out = str(tmp_path / "out")
     assert run_main(small_flags("cakd", data_dir, out, epochs=1), capsys)[0] == 0
