@@ -5,16 +5,15 @@ the seed README's published numbers; and the one-line error convention of the tr
 """
 import argparse
 import os
-import sys
 
 import torch
 import torchvision
 from torchvision.transforms import InterpolationMode
 
-from .checkpoint import CheckpointError, load_checkpoint, split_reference_state_dict
+from .checkpoint import CheckpointError, _strip_prefix, load_checkpoint, split_reference_state_dict
 from .data import ClassificationPresetEval, DataError, ImageFolder
 from .models import STUDENTS, build_student, build_teacher
-from .train import UserError, one_line
+from .errors import UserError, one_line, print_error
 
 # The seed README of the released code (its "Performance on
 # ImageNet"): ResNet-50 student, ViT-B/16 teacher, the released recipes; top-1, top-5 in %.
@@ -107,10 +106,7 @@ def _is_state_dict(obj):
 
 def _unwrap_ema(state):
     """An ``AveragedModel`` state dict (``n_averaged`` plus ``module.*``) as the module's own."""
-    state = {k: v for k, v in state.items() if k != "n_averaged"}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    return _strip_prefix({k: v for k, v in state.items() if k != "n_averaged"})
 
 
 def load_student(checkpoint, which="student", model=None):
@@ -223,7 +219,5 @@ def run_and_report(body, args):
         body(args)
         return 0
     except (UserError, DataError, CheckpointError) as error:
-        rank = getattr(args, "rank", 0)
-        prefix = f"[rank {rank}] " if getattr(args, "world_size", 1) > 1 else ""
-        print(f"{prefix}error: {one_line(error)}", file=sys.stderr, flush=True)
+        print_error(error, args)
         return 1

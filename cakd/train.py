@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -27,13 +26,10 @@ from .config import disc_lr_factor, distiller_overrides, parse_args, save_config
 from .data import DataError, build_datasets, build_loaders
 from .distillers import build_distiller
 from .engine import StopRequest, TrainingError, evaluate, train_one_epoch
+from .errors import UserError, one_line, print_error
 from .logging import TensorBoard, print_main
 from .models import build_student, build_teacher
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit status 1."""
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -318,24 +314,13 @@ def _drop_metrics_from(path, epoch):
     os.replace(path + ".tmp", path)
 
 
-def one_line(error):
-    """The last line of an error's message, without the ``module.Class: `` prefix that a
-    DataLoader worker's re-raised traceback puts there."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
         return 0
     except (UserError, DataError, TrainingError) as error:
-        message = one_line(error)
-        prefix = f"[rank {args.rank}] " if getattr(args, "world_size", 1) > 1 else ""
-        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        print_error(error, args)
         return 1
     finally:
         dist_utils.cleanup()
