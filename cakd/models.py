@@ -6,7 +6,7 @@ import warnings
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import ResNet, VisionTransformer
+from torchvision.models import ResNet, SwinTransformer, VisionTransformer
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 STUDENTS = (
@@ -23,6 +23,35 @@ STUDENTS = (
 )
 TEACHERS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def swin_l(num_classes: int = 1000) -> SwinTransformer:
+    """Swin-L (window 7), which torchvision has the class but no builder for: embed 192,
+    depths 2-2-18-2, heads 6-12-24-48. Weights come from the official release through
+    ``scripts/convert_weights.py``. Stochastic depth 0.2, unused by an eval-mode teacher."""
+    return SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=192,
+        depths=[2, 2, 18, 2],
+        num_heads=[6, 12, 24, 48],
+        window_size=[7, 7],
+        stochastic_depth_prob=0.2,
+        num_classes=num_classes,
+    )
+
+
+def deit_b(num_classes: int = 1000, image_size: int = 224) -> VisionTransformer:
+    """DeiT-B (Touvron et al. 2021, no distillation token): a ViT-B/16, whose weights come
+    from the official release through ``scripts/convert_weights.py``."""
+    return VisionTransformer(
+        image_size=image_size,
+        patch_size=16,
+        num_layers=12,
+        num_heads=12,
+        hidden_dim=768,
+        mlp_dim=3072,
+        num_classes=num_classes,
+    )
 
 
 def build_student(name: str, num_classes: int = 1000) -> ResNet:
