@@ -14,5 +14,5 @@ setup(
         "tensorboard",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["cakd-train=cakd.train:main"]},
+    entry_points={"console_scripts": ["cakd-train=cakd.train.trainer:main"]},
 )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import load_reference_state_dict
 from .discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
 from .models import match_stage, stage_channels, teacher_grid
 from .multiview import MultiViewGenerator
@@ -237,8 +238,6 @@ class Distiller(nn.Module):
 
     def load_reference_state_dict(self, state_dict, discriminator_state_dict=None):
         """Load a student checkpoint of the released code (``checkpoint["model"]``)."""
-        from .checkpoint import load_reference_state_dict
-
         load_reference_state_dict(self, state_dict, discriminator_state_dict)
 
 

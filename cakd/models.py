@@ -9,6 +9,10 @@ from torch import nn
 from torchvision.models import ResNet, SwinTransformer, VisionTransformer
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+# the normalization of torchvision's ImageNet weights, teachers and students alike
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 STUDENTS = (
     "resnet18",
     "resnet34",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from .models import IMAGENET_MEAN, IMAGENET_STD
 
 TRANSFORMS = ("jitter", "crop", "rotate", "mask", "noise")
 

@@ -25,7 +25,7 @@ import torchvision  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from cakd.distillers import build_distiller  # noqa: E402
-from cakd.tools import (  # noqa: E402
+from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
     build_eval_teacher,

@@ -24,13 +24,16 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
 
-import cakd
-from cakd.data import ClassificationPresetTrain, ImageFolder, loader_throughput, make_image_folder
-from cakd.distillers import CAKDDistiller
-from cakd.engine import training_step
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import cakd  # noqa: E402
+from cakd.distillers import CAKDDistiller  # noqa: E402
+from cakd.train.data import ClassificationPresetTrain, ImageFolder  # noqa: E402
+from cakd.train.engine import autocast, training_step  # noqa: E402
+from make_image_folder import make_image_folder  # noqa: E402
 
 MODES = ("ideal", "baseline", "logits", "cakd", "released_style")
 
@@ -106,7 +109,7 @@ def peak_memory_mib(device):
 
 def ideal_step(student, teacher, optimizer, images, targets, flags, device):
     """One plain student step (CE, backward, SGD) and one teacher forward in inference mode."""
-    with cakd.engine.autocast(flags, device):
+    with autocast(flags, device):
         with torch.inference_mode():
             teacher(images)
         loss = F.cross_entropy(student(images), targets)
@@ -183,6 +186,23 @@ def time_modes(student, teacher, images, targets, args, device, memory_format):
     for _, cleanup in steps.values():
         cleanup()
     return times
+
+
+def loader_throughput(dataset, workers, batch_size, num_batches):
+    """Images per second of a fresh DataLoader over ``num_batches`` batches after one warm-up
+    batch (which pays for worker start-up). Indices wrap around a dataset that is too short."""
+    indices = [i % len(dataset) for i in range((num_batches + 1) * batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers)
+    batches = iter(loader)
+    next(batches)
+    start = time.perf_counter()
+    for _ in range(num_batches):
+        next(batches)
+    seconds = time.perf_counter() - start
+    del batches  # shuts the workers down
+    images_per_s = num_batches * batch_size / seconds if seconds > 0 else float("inf")
+    return {"images_per_s": images_per_s, "images_per_s_per_worker": images_per_s / max(workers, 1), "workers": workers,
+            "batch_size": batch_size, "seconds": seconds}
 
 
 def measure_loader(args):

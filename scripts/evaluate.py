@@ -20,11 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
 
-from cakd import distributed as dist_utils  # noqa: E402
-from cakd.data import ShardSampler  # noqa: E402
-from cakd.engine import evaluate  # noqa: E402
-from cakd.logging import print_main  # noqa: E402
-from cakd.tools import (  # noqa: E402
+from cakd.train import distributed as dist_utils  # noqa: E402
+from cakd.train.data import ShardSampler  # noqa: E402
+from cakd.train.engine import evaluate  # noqa: E402
+from cakd.train.logging import print_main  # noqa: E402
+from cakd.train.tools import (  # noqa: E402
     DEFAULTS,
     RECIPE_EVAL,
     SourceCheckpoint,

@@ -20,8 +20,8 @@ import torchvision  # noqa: E402
 from cakd.checkpoint import export_student, save_atomic  # noqa: E402
 from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
 from cakd.models import build_student  # noqa: E402
-from cakd.optim import ExponentialMovingAverage  # noqa: E402
-from cakd.tools import SourceCheckpoint, UserError, load_strict, load_student, pick, run_and_report  # noqa: E402
+from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
+from cakd.train.tools import SourceCheckpoint, UserError, load_strict, load_student, pick, run_and_report  # noqa: E402
 
 
 def get_args_parser():

@@ -6,7 +6,7 @@
 set -e
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
-python -c "from cakd.data import make_image_folder; make_image_folder('$OUT/data', num_classes=4, train_per_class=24, val_per_class=4, size=80)"
+python scripts/make_image_folder.py "$OUT/data" --classes 4 --train-per-class 24 --val-per-class 4 --size 80
 exec python -m cakd.train --config configs/cakd.yaml --device cpu --data-path "$OUT/data" --output-dir "$OUT" \
     --teacher-weights "${TEACHER_WEIGHTS:-none}" --train-crop-size 64 --val-resize-size 64 --val-crop-size 64 \
     --batch-size 8 --workers 2 --epochs 2 --lr-warmup-epochs 1 --lr 0.003 --print-freq 2 --model-ema-steps 2 \

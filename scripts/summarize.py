@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 import yaml  # noqa: E402
 
-from cakd.tools import PUBLISHED, PUBLISHED_SOURCE, UserError, run_and_report  # noqa: E402
+from cakd.train.tools import PUBLISHED, PUBLISHED_SOURCE, UserError, run_and_report  # noqa: E402
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 # line colours of the plot, with the names printed beside the run directories

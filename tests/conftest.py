@@ -1,8 +1,13 @@
+import os
+import sys
+
 import pytest
 import torch
 from torchvision.models import VisionTransformer
 
 import cakd
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 
 def tiny_vit(image_size=64, patch_size=16, hidden_dim=32, num_heads=2, num_classes=10, num_layers=2):

@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from cakd.config import get_args_parser, parse_args, save_config
+from cakd.train.config import get_args_parser, parse_args, save_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import cakd
-from cakd.config import distiller_overrides, parse_args
+from cakd.train.config import distiller_overrides, parse_args
 from cakd.distillers import CAKDConfig, make_config
-from cakd.engine import training_step
+from cakd.train.engine import training_step
 from cakd.multiview import MultiViewGenerator
 from cakd.projectors import PartialCrossAttentionProjector, partial_cross
 from conftest import tiny_vit
@@ -273,7 +273,7 @@ def test_paper_yamls_parse_and_share_the_training_set_up(name):
 # ---- end to end ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from cakd.data import make_image_folder
+    from make_image_folder import make_image_folder
 
     return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=3, train_per_class=8, val_per_class=3, size=72)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 
-from cakd.data import make_image_folder
+from make_image_folder import make_image_folder
 from cakd.train import main as train_main
 from test_train import free_port, small_flags
 

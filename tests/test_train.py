@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from cakd.data import make_image_folder
+from make_image_folder import make_image_folder
 from cakd.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

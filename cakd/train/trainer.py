@@ -1,4 +1,4 @@
-"""``python -m cakd.train`` / ``cakd-train``: the released recipes with torchrun, resumable.
+"""The trainer behind ``python -m cakd.train`` / ``cakd-train``: the released recipes with torchrun, resumable.
 
 Thin: it builds a :class:`Run` from the flags, then alternates training, evaluation and
 checkpoints. Bad input ends with one line on stderr and exit status 1.
@@ -15,21 +15,16 @@ import numpy as np
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import (
-    CheckpointError,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_atomic,
-)
+from ..checkpoint import save_atomic
+from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
+from ..models import build_student, build_teacher
 from .config import disc_lr_factor, distiller_overrides, parse_args, save_config
 from .data import DataError, build_datasets, build_loaders
-from .distillers import build_distiller
 from .engine import StopRequest, TrainingError, evaluate, train_one_epoch
 from .errors import UserError, one_line, print_error
 from .logging import TensorBoard, print_main
-from .models import build_student, build_teacher
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
+from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -81,8 +76,6 @@ class Run:
         student = build_student(args.model, num_classes=num_classes)
         teacher = None if args.recipe == "baseline" or args.test_only else self._teacher(num_classes)
         if args.test_only:
-            from .distillers import BaselineDistiller, StudentWithProjectors
-
             distiller = BaselineDistiller(StudentWithProjectors(student))
         else:
             try:

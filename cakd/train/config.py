@@ -12,8 +12,8 @@ import os
 
 import yaml
 
-from .distillers import CHOICES, DISTILLERS, CAKDConfig
-from .models import STUDENTS, TEACHERS
+from ..distillers import CHOICES, DISTILLERS, CAKDConfig
+from ..models import STUDENTS, TEACHERS
 
 
 def _bool(value):

@@ -10,10 +10,11 @@ import torch
 import torchvision
 from torchvision.transforms import InterpolationMode
 
-from .checkpoint import CheckpointError, _strip_prefix, load_checkpoint, split_reference_state_dict
+from ..checkpoint import _strip_prefix, split_reference_state_dict
+from ..models import STUDENTS, build_student, build_teacher
 from .data import ClassificationPresetEval, DataError, ImageFolder
-from .models import STUDENTS, build_student, build_teacher
 from .errors import UserError, one_line, print_error
+from .resume import CheckpointError, load_checkpoint
 
 # The seed README of the released code (its "Performance on
 # ImageNet"): ResNet-50 student, ViT-B/16 teacher, the released recipes; top-1, top-5 in %.

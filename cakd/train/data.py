@@ -7,9 +7,7 @@ import hashlib
 import math
 import os
 import tempfile
-import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torchvision
@@ -19,8 +17,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..models import IMAGENET_MEAN, IMAGENET_STD
 
 _LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
 
@@ -29,7 +26,7 @@ class DataError(Exception):
     """A problem with the data on disk, told in one line: what is wrong and what to do.
 
     A DataLoader worker's error comes back to the main process as
-    ``DataError("Caught DataError in DataLoader worker ...<traceback>...cakd.data.DataError: <line>")``;
+    ``DataError("Caught DataError in DataLoader worker ...<traceback>...cakd.train.data.DataError: <line>")``;
     the module-qualified prefix is taken off that last line so it reads as the one clear line.
     """
 
@@ -432,46 +429,3 @@ def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
         pin_memory=pin_memory,
     )
     return train_loader, val_loader, train_sampler
-
-
-# ----------------------------------------------------------------------------------------------
-# Tools for tests, the quickstart and benchmarks
-# ----------------------------------------------------------------------------------------------
-def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, size=80, seed=0, fmt="JPEG"):
-    """Write a tiny ImageNet-style folder ``root/{train,val}/class_{k}/img_{i}.<fmt>``.
-
-    Images are deterministic noise around a per-class colour, so a tiny run can learn something.
-    """
-    rng = np.random.RandomState(seed)
-    colours = rng.randint(0, 256, size=(num_classes, 3))
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        for k in range(num_classes):
-            folder = os.path.join(root, split, f"class_{k}")
-            os.makedirs(folder, exist_ok=True)
-            for i in range(per_class):
-                noise = rng.randint(-60, 61, size=(size, size, 3))
-                pixels = np.clip(colours[k] + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.{fmt}"), format=fmt)
-    return root
-
-
-def loader_throughput(dataset, workers, batch_size, num_batches, collate_fn=None):
-    """Images per second of a fresh DataLoader over ``num_batches`` batches after one warm-up
-    batch (which pays for worker start-up). Indices wrap around a dataset that is too short."""
-    indices = [i % len(dataset) for i in range((num_batches + 1) * batch_size)]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers, collate_fn=collate_fn)
-    batches = iter(loader)
-    next(batches)
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        next(batches)
-    seconds = time.perf_counter() - start
-    del batches  # shuts the workers down
-    images_per_s = num_batches * batch_size / seconds if seconds > 0 else float("inf")
-    return {
-        "images_per_s": images_per_s,
-        "images_per_s_per_worker": images_per_s / max(workers, 1),
-        "workers": workers,
-        "batch_size": batch_size,
-        "seconds": seconds,
-    }
