@@ -13,6 +13,6 @@ setup(
         "pyyaml",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "timm"], "plots": ["matplotlib"]},
     entry_points={"console_scripts": ["cakd-train=cakd.train.trainer:main"]},
 )
