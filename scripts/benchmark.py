@@ -68,13 +68,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_flags(args):
-    """The subset of cakd.train's flags that ``training_step`` reads."""
-    return argparse.Namespace(
-        amp=args.dtype != "fp32",
-        amp_dtype={"bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, "float16"),
-        clip_grad_norm=None,
-    )
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def reset_peak_memory(device):
@@ -107,9 +101,9 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ideal_step(student, teacher, optimizer, images, targets, flags, device):
+def ideal_step(student, teacher, optimizer, images, targets, amp_dtype):
     """One plain student step (CE, backward, SGD) and one teacher forward in inference mode."""
-    with autocast(flags, device):
+    with autocast(amp_dtype, images.device.type):
         with torch.inference_mode():
             teacher(images)
         loss = F.cross_entropy(student(images), targets)
@@ -127,7 +121,7 @@ def build_mode(mode, student, teacher, args, device, memory_format):
         teacher_run = torch.compile(teacher) if args.compile else teacher
         student_run = torch.compile(student) if args.compile else student
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
-        return (lambda images, targets, flags: ideal_step(student_run, teacher_run, optimizer, images, targets, flags, device)), (
+        return (lambda images, targets, amp_dtype: ideal_step(student_run, teacher_run, optimizer, images, targets, amp_dtype)), (
             lambda: None
         )
     distiller = cakd.build_distiller("cakd" if mode == "released_style" else mode, student, teacher)
@@ -143,8 +137,8 @@ def build_mode(mode, student, teacher, args, device, memory_format):
         disc_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
 
-    def step(images, targets, flags):
-        return training_step(distiller, images, targets, 40, optimizer, disc_optimizer, scaler, flags, device)["total"]
+    def step(images, targets, amp_dtype):
+        return training_step(distiller, images, targets, 40, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype)["total"]
 
     def cleanup():
         distiller.close()
@@ -155,11 +149,11 @@ def build_mode(mode, student, teacher, args, device, memory_format):
 
 def peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format):
     """Peak memory of one mode alone: build it, run a few steps, tear it down."""
-    flags = train_flags(args)
+    amp_dtype = AMP_DTYPES[args.dtype]
     reset_peak_memory(device)
     step, cleanup = build_mode(mode, student, teacher, args, device, memory_format)
     for _ in range(args.warmup):
-        loss = step(images, targets, flags)
+        loss = step(images, targets, amp_dtype)
     if not torch.isfinite(loss.detach()).item():
         raise RuntimeError(f"{mode}: non-finite loss")
     peak = peak_memory_mib(device)
@@ -170,7 +164,7 @@ def peak_of_mode(mode, student, teacher, images, targets, args, device, memory_f
 def time_modes(student, teacher, images, targets, args, device, memory_format):
     """Median step time of every mode, all built at once and stepped in turn (a rotated order
     each round), so drifts of the machine fall on every mode alike."""
-    flags = train_flags(args)
+    amp_dtype = AMP_DTYPES[args.dtype]
     steps = {mode: build_mode(mode, student, teacher, args, device, memory_format) for mode in args.modes}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {mode: [] for mode in args.modes}
@@ -179,7 +173,7 @@ def time_modes(student, teacher, images, targets, args, device, memory_format):
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             sync()
             start = time.perf_counter()
-            steps[mode][0](images, targets, flags)
+            steps[mode][0](images, targets, amp_dtype)
             sync()
             if r >= args.warmup:
                 times[mode].append(time.perf_counter() - start)

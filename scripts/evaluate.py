@@ -105,11 +105,10 @@ def run(args):
         crop,
         pick(checkpoint, "interpolation", args.interpolation),
     )
-    # engine.evaluate reads these from args, as the trainer's evaluation does
-    args.amp = bool(pick(checkpoint, "amp", args.amp))
-    args.amp_dtype = pick(checkpoint, "amp_dtype", args.amp_dtype) or "float16"
-    args.channels_last = bool(pick(checkpoint, "channels_last", args.channels_last))
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    amp = bool(pick(checkpoint, "amp", args.amp))
+    amp_dtype = getattr(torch, pick(checkpoint, "amp_dtype", args.amp_dtype) or "float16") if amp else None
+    channels_last = bool(pick(checkpoint, "channels_last", args.channels_last))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     model, what = build_model(args, checkpoint, dataset, crop)
     model.to(device, memory_format=memory_format)
@@ -121,7 +120,9 @@ def run(args):
     print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {args.world_size} process(es))")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    acc1, acc5 = evaluate(model, loader, device, args, HEADERS[args.which])
+    acc1, acc5 = evaluate(
+        model, loader, device, amp_dtype, memory_format, print_freq=max(args.print_freq, 1) * 10, header=HEADERS[args.which]
+    )
     if args.json and dist_utils.is_main_process():
         record = {"which": args.which, "checkpoint": args.checkpoint, "data": dataset.root, "images": len(dataset)}
         record.update(acc1=acc1, acc5=acc5)

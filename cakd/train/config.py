@@ -14,6 +14,7 @@ import yaml
 
 from ..distillers import CHOICES, DISTILLERS, CAKDConfig
 from ..models import STUDENTS, TEACHERS
+from .optim import SCHEDULERS
 
 
 def _bool(value):
@@ -89,11 +90,12 @@ def get_args_parser(add_help=True):
         "--transformer-embedding-decay", default=None, type=float, help="weight decay for embedding parameters (default: --wd)"
     )
     g.add_argument("--label-smoothing", default=0.0, type=float, help="label smoothing")
-    g.add_argument("--lr-scheduler", default="steplr", type=str, help="steplr, cosineannealinglr or exponentiallr")
+    g.add_argument("--lr-scheduler", default="steplr", type=str.lower, choices=SCHEDULERS, help="the main schedule, after any warmup")
     g.add_argument("--lr-warmup-epochs", default=0, type=int, help="the number of epochs to warmup")
     g.add_argument("--lr-warmup-method", default="constant", type=str, help="the warmup method: constant or linear")
     g.add_argument("--lr-warmup-decay", default=0.01, type=float, help="the decay for lr")
-    g.add_argument("--lr-step-size", default=30, type=int, help="decrease lr every step-size epochs")
+    g.add_argument("--lr-step-size", default=30, type=int, help="steplr: decrease lr every step-size epochs")
+    g.add_argument("--lr-milestones", default=[], type=int, nargs="*", help="multisteplr: decrease lr at these epochs (counted after warmup)")
     g.add_argument("--lr-gamma", default=0.1, type=float, help="decrease lr by a factor of lr-gamma")
     g.add_argument("--lr-min", default=0.0, type=float, help="minimum lr of the cosine schedule")
     g.add_argument("--clip-grad-norm", default=None, type=float, help="the maximum gradient norm (student)")

@@ -35,11 +35,11 @@ class StopRequest:
         self.requested = True
 
 
-def autocast(args, device):
-    if not args.amp:
+def autocast(amp_dtype, device_type):
+    """``torch.autocast`` to ``amp_dtype`` (None: full precision)."""
+    if amp_dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device_type, dtype=amp_dtype)
 
 
 def backward(loss, scaler, retain_graph=False):
@@ -53,14 +53,26 @@ def step(optimizer, scaler):
         optimizer.step()
 
 
-def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, args, device, global_step=0):
+def training_step(
+    distiller,
+    images,
+    targets,
+    epoch,
+    optimizer,
+    disc_optimizer=None,
+    scaler=None,
+    amp_dtype=None,
+    clip_grad_norm=None,
+    global_step=0,
+):
     """One released-order update; returns the dict of (still attached) losses.
 
     ``global_step`` counts iterations from the start of training: the discriminator's
     zero_grad, backward, all-reduce and step run only when ``distiller.disc_due(global_step)``
     (every iteration in the released recipe, every ``disc_every``-th in the paper's Algorithm 1).
+    ``scaler``: a GradScaler for float16 autocast; ``clip_grad_norm``: the student's gradient norm cap.
     """
-    with autocast(args, device):
+    with autocast(amp_dtype, images.device.type):
         losses = distiller(images, targets, epoch=epoch)
     if disc_optimizer is not None and distiller.disc_due(global_step):
         disc_optimizer.zero_grad(set_to_none=True)
@@ -69,11 +81,11 @@ def training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, 
         step(disc_optimizer, scaler)
     optimizer.zero_grad(set_to_none=True)
     backward(losses["total"], scaler)
-    if args.clip_grad_norm is not None:
+    if clip_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        nn.utils.clip_grad_norm_(params, args.clip_grad_norm)
+        nn.utils.clip_grad_norm_(params, clip_grad_norm)
     step(optimizer, scaler)
     if scaler is not None:
         scaler.update()
@@ -105,7 +117,16 @@ def train_one_epoch(run, epoch, start_step=0):
         targets = targets.to(device, non_blocking=True)
         step_count = epoch * total + i  # global iteration: the same after a resume
         losses = training_step(
-            distiller, images, targets, epoch, run.optimizer, run.disc_optimizer, run.scaler, args, device, global_step=step_count
+            distiller,
+            images,
+            targets,
+            epoch,
+            run.optimizer,
+            run.disc_optimizer,
+            run.scaler,
+            amp_dtype=run.amp_dtype,
+            clip_grad_norm=args.clip_grad_norm,
+            global_step=step_count,
         )
         if run.ema is not None and i % args.model_ema_steps == 0:
             run.ema.update_parameters(distiller.student)
@@ -140,16 +161,16 @@ def train_one_epoch(run, epoch, start_step=0):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, args, header="Test:"):
-    """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks."""
+def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:"):
+    """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks; a progress line
+    every ``print_freq`` batches."""
     model.eval()
     accuracy = Accuracy(device)
     logger = MetricLogger()
-    memory_format = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
-    for _, (images, targets) in logger.log_every(loader, max(args.print_freq, 1) * 10, header):
+    for _, (images, targets) in logger.log_every(loader, print_freq, header):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
-        with autocast(args, device):
+        with autocast(amp_dtype, device.type):
             logits = model(images)
         accuracy.update(logits.float(), targets)
     (acc1, acc5), count = accuracy.compute()

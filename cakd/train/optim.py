@@ -51,31 +51,48 @@ def build_optimizer(params, name, lr, momentum, weight_decay):
     raise ValueError(f"invalid optimizer {name!r}: use sgd, sgd_nesterov, rmsprop or adamw")
 
 
-def build_scheduler(optimizer, args, lr_min):
-    """The main schedule with optional warmup chained before it; stepped once per epoch."""
-    name = args.lr_scheduler.lower()
+SCHEDULERS = ("steplr", "multisteplr", "cosineannealinglr", "exponentiallr")
+
+
+def build_scheduler(
+    optimizer,
+    name="steplr",
+    epochs=90,
+    step_size=30,
+    milestones=(),
+    gamma=0.1,
+    lr_min=0.0,
+    warmup_epochs=0,
+    warmup_method="constant",
+    warmup_decay=0.01,
+):
+    """The main schedule with optional warmup chained before it; stepped once per epoch.
+
+    ``steplr`` multiplies the lr by ``gamma`` every ``step_size`` epochs, ``multisteplr`` at
+    each epoch of ``milestones``; both count epochs from the end of the warmup, as
+    torchvision's reference chains them.
+    """
+    name = name.lower()
     if name == "steplr":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+    elif name == "multisteplr":
+        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     elif name == "cosineannealinglr":
-        main = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=args.epochs - args.lr_warmup_epochs, eta_min=lr_min
-        )
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs, eta_min=lr_min)
     elif name == "exponentiallr":
-        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
+        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
     else:
-        raise ValueError(f"invalid lr scheduler {args.lr_scheduler!r}: use steplr, cosineannealinglr or exponentiallr")
-    if args.lr_warmup_epochs <= 0:
+        raise ValueError(f"invalid lr scheduler {name!r}: use {', '.join(SCHEDULERS)}")
+    if warmup_epochs <= 0:
         return main
-    method = args.lr_warmup_method.lower()
+    method = warmup_method.lower()
     if method == "linear":
-        warmup = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=args.lr_warmup_decay, total_iters=args.lr_warmup_epochs
-        )
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=warmup_decay, total_iters=warmup_epochs)
     elif method == "constant":
-        warmup = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=args.lr_warmup_decay, total_iters=args.lr_warmup_epochs)
+        warmup = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=warmup_decay, total_iters=warmup_epochs)
     else:
-        raise ValueError(f"invalid warmup method {args.lr_warmup_method!r}: use linear or constant")
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[args.lr_warmup_epochs])
+        raise ValueError(f"invalid warmup method {warmup_method!r}: use linear or constant")
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
 class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
@@ -90,8 +107,9 @@ class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
             module._forward_hooks.clear()
 
 
-def ema_decay(args):
-    """The reference's adjustment, so the EMA horizon does not depend on GPUs, batch or epochs."""
-    adjust = args.world_size * args.batch_size * args.model_ema_steps / args.epochs
-    alpha = min(1.0, (1.0 - args.model_ema_decay) * adjust)
+def ema_decay(decay, steps, batch_size, world_size, epochs):
+    """The reference's adjustment of ``decay`` (applied every ``steps`` iterations), so the
+    EMA horizon does not depend on GPUs, batch or epochs."""
+    adjust = world_size * batch_size * steps / epochs
+    alpha = min(1.0, (1.0 - decay) * adjust)
     return 1.0 - alpha

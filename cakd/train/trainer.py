@@ -95,7 +95,7 @@ class Run:
             embedding_decay=args.transformer_embedding_decay,
         )
         self.optimizer = build_optimizer(groups, args.opt, args.lr, args.momentum, args.weight_decay)
-        self.lr_scheduler = build_scheduler(self.optimizer, args, args.lr_min)
+        self.lr_scheduler = build_scheduler(self.optimizer, lr_min=args.lr_min, **schedule_options(args))
         self.disc_optimizer = self.disc_lr_scheduler = None
         if distiller.discriminator is not None:
             factor = disc_lr_factor(args)
@@ -106,8 +106,9 @@ class Run:
                 weight_decay=args.weight_decay,
                 nesterov="nesterov" in args.opt.lower(),
             )
-            self.disc_lr_scheduler = build_scheduler(self.disc_optimizer, args, factor * args.lr_min)
-        fp16 = args.amp and args.amp_dtype == "float16"
+            self.disc_lr_scheduler = build_scheduler(self.disc_optimizer, lr_min=factor * args.lr_min, **schedule_options(args))
+        self.amp_dtype = amp_dtype(args)
+        fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
 
         if args.distributed:
@@ -116,7 +117,10 @@ class Run:
             distiller.set_student_runner(self.ddp)
         if args.compile:
             distiller.compile()
-        self.ema = ExponentialMovingAverage(distiller.student, ema_decay(args), self.device) if args.model_ema else None
+        self.ema = None
+        if args.model_ema:
+            decay = ema_decay(args.model_ema_decay, args.model_ema_steps, args.batch_size, args.world_size, args.epochs)
+            self.ema = ExponentialMovingAverage(distiller.student, decay, self.device)
 
         # identical weights above; from here each rank draws its own augmentations
         torch.manual_seed(args.seed + args.rank)
@@ -218,13 +222,33 @@ class Run:
 
     # ---- evaluation ----------------------------------------------------------------
     def evaluate(self, epoch=None):
+        options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
         results = {}
-        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, self.args, "Test:")
+        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:", **options)
         if self.ema is not None:
             results["ema_acc1"], results["ema_acc5"] = evaluate(
-                self.ema.module, self.val_loader, self.device, self.args, "Test: EMA"
+                self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
             )
         return results
+
+
+def schedule_options(args):
+    """The learning-rate schedule's flags, as :func:`build_scheduler` takes them."""
+    return dict(
+        name=args.lr_scheduler,
+        epochs=args.epochs,
+        step_size=args.lr_step_size,
+        milestones=args.lr_milestones,
+        gamma=args.lr_gamma,
+        warmup_epochs=args.lr_warmup_epochs,
+        warmup_method=args.lr_warmup_method,
+        warmup_decay=args.lr_warmup_decay,
+    )
+
+
+def amp_dtype(args):
+    """The autocast dtype of ``--amp --amp-dtype`` (None without ``--amp``)."""
+    return getattr(torch, args.amp_dtype) if args.amp else None
 
 
 def train(args):
