@@ -1,14 +1,32 @@
 """Plain, hook-free recomputation of ONE training step of the released CAKD code.
 
-Written only from `docs/reference.md` (sections "Taps", "Projectors",
-"Discriminator", "Losses of one step"). It is deliberately slow and literal:
-explicit functional ops, per-head Python loops, a Python loop over the groups of the
-group-wise projector, and a functional PatchGAN. It imports nothing from `cakd`.
+Written only from `docs/reference.md` (sections "Taps", "Projectors", "Discriminator",
+"Losses of one step", "Checkpoint layout"). It imports nothing from `cakd`, and it owns every
+shape the spec fixes:
+
+- the attention projector: one bias-free `Linear(C, 3*16*64)`, split into 16 heads of 64
+  (`PCA_HEADS`, `PCA_HEAD_DIM`, the spec's numbers; the head count is not visible in the weight's
+  shape, so the maps are computed with this split and a project that splits otherwise gives other
+  numbers);
+- the group-wise projector: one `Linear(C, D_T)` with bias per group, the groups from the spec's
+  window rule (`GL_WINDOW` x `GL_WINDOW` windows, `ceil(grid / 4)` a side);
+- the token projector `Linear(P, D_T)`;
+- the PatchGAN, widths 1 -> 8 -> 16 -> 32 -> 64 -> 1 (`PATCHGAN_WIDTHS`), pix2pix key layout.
+
+`C`, `P`, `D_T` and the grid are read from the torchvision student and teacher as the spec says
+(`spec_dims`), never from the project's projector or discriminator modules. The project's state
+enters only through `ReferenceCAKD.load_project_state`, which maps it to the spec's checkpoint
+layout and copies it with strict key, shape and dtype checks (`SpecMismatch` otherwise).
+
+It is deliberately slow and literal: explicit functional ops, per-head Python loops, a Python
+loop over the groups of the group-wise projector, and a functional PatchGAN on the reference's own
+module's tensors. Its self-checks are `tests/test_reference_impl.py`.
 
 Notes for test writers
 - `reference_losses` runs the student in whatever mode it is in (train mode updates its
   BatchNorm running stats) and updates the discriminator's BatchNorm running stats exactly as
-  the module would (two train-mode calls). Clone/deepcopy models if you compare two runs.
+  the module would (two train-mode calls). Give it its own copies of the models (made before the
+  project puts its hooks on them: the reference refuses hooked models).
 - `p_fake` is shared by `disc` and `adv` (spec: D is called twice per step, real then fake).
   Calling `out["total"].backward()` and then `out["disc"].backward()` therefore needs
   `retain_graph=True` on the first call (or use `torch.autograd.grad(..., retain_graph=True)`).
@@ -16,7 +34,6 @@ Notes for test writers
   with 16x16 patches (4x4 grid, 16x16 maps) is too small for it; use `make_small_pair(
   image_size=96)` (6x6 grid, resnet18 layer3 is 6x6) or the 224/32 pair (7x7 grid, layer4).
 """
-import copy
 import math
 
 import torch
@@ -25,31 +42,50 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
+# ----------------------------------------------------------------------------------------------
+# The spec's numbers (docs/reference.md), written here once
+# ----------------------------------------------------------------------------------------------
+PCA_HEADS = 16           # "Projectors": 16 heads of 64
+PCA_HEAD_DIM = 64
+GL_WINDOW = 4            # "Projectors": windows of 4x4 tokens
+PATCHGAN_WIDTHS = (1, 8, 16, 32, 64, 1)  # "Discriminator": Conv(1->8), (8->16), (16->32), (32->64), (64->1)
+STAGE_OF_PATCH = {16: "layer3", 32: "layer4"}  # "Taps": F = layer3 on the 14x14 grid; 7x7 (/32): layer4
+PCA_QK_WEIGHT, PCA_VV_WEIGHT = 0.2, 0.05  # "Losses": L_pca
+FEATURE_WEIGHT = 0.05                     # L_gl's f_S term
+ADV_REAL_WEIGHT = 0.05                    # L_adv's real term
+DISC_WEIGHT = 0.5                         # L_D
+PROJECTOR_PREFIXES = ("pca_proj.", "gl_proj.", "cls_proj.")
+
+
+class SpecMismatch(AssertionError):
+    """The project's state does not have the spec's keys or shapes."""
+
 
 # ----------------------------------------------------------------------------------------------
-# Factories
+# The reference's own modules
 # ----------------------------------------------------------------------------------------------
 def make_patchgan():
     """PatchGAN of the spec's "Discriminator" section, pix2pix key layout (spec, last section):
     model.{0,2,5,8,11} convs, model.{3,6,9} BatchNorm2d, model.{1,4,7,10} LeakyReLU(0.2);
     AdaptiveAvgPool2d(1) applied after `model` -> one logit per map, shape (B, 1, 1, 1)."""
+    w0, w1, w2, w3, w4, w5 = PATCHGAN_WIDTHS  # 1, 8, 16, 32, 64, 1
 
     class PatchGAN(nn.Module):
         def __init__(self):
             super().__init__()
             self.model = nn.Sequential(
-                nn.Conv2d(1, 8, kernel_size=4, stride=2, padding=1, bias=True),    # 0
+                nn.Conv2d(w0, w1, kernel_size=4, stride=2, padding=1, bias=True),  # 0
                 nn.LeakyReLU(0.2, True),                                           # 1
-                nn.Conv2d(8, 16, kernel_size=4, stride=2, padding=1, bias=False),  # 2
-                nn.BatchNorm2d(16),                                                # 3
+                nn.Conv2d(w1, w2, kernel_size=4, stride=2, padding=1, bias=False), # 2
+                nn.BatchNorm2d(w2),                                                # 3
                 nn.LeakyReLU(0.2, True),                                           # 4
-                nn.Conv2d(16, 32, kernel_size=4, stride=2, padding=1, bias=False), # 5
-                nn.BatchNorm2d(32),                                                # 6
+                nn.Conv2d(w2, w3, kernel_size=4, stride=2, padding=1, bias=False), # 5
+                nn.BatchNorm2d(w3),                                                # 6
                 nn.LeakyReLU(0.2, True),                                           # 7
-                nn.Conv2d(32, 64, kernel_size=4, stride=1, padding=1, bias=False), # 8
-                nn.BatchNorm2d(64),                                                # 9
+                nn.Conv2d(w3, w4, kernel_size=4, stride=1, padding=1, bias=False), # 8
+                nn.BatchNorm2d(w4),                                                # 9
                 nn.LeakyReLU(0.2, True),                                           # 10
-                nn.Conv2d(64, 1, kernel_size=4, stride=1, padding=1, bias=True),   # 11
+                nn.Conv2d(w4, w5, kernel_size=4, stride=1, padding=1, bias=True),  # 11
             )
             self.pool = nn.AdaptiveAvgPool2d(1)
 
@@ -57,6 +93,151 @@ def make_patchgan():
             return self.pool(self.model(x))
 
     return PatchGAN()
+
+
+class ReferenceProjectors(nn.Module):
+    """The three projectors of the spec's "Projectors" section, keyed as the released checkpoint
+    ("Checkpoint layout"): `pca_proj.to_qkv.weight` (3*16*64, C), `gl_proj.layers.fc_layer_{g}.
+    {weight,bias}` ((D_T, C), (D_T,)) for each group g, `cls_proj.{weight,bias}` ((D_T, P), (D_T,)).
+    The released `pca_proj.to_out` is never used (spec) and left out."""
+
+    def __init__(self, C, P, D_T, num_groups):
+        super().__init__()
+        self.pca_proj = nn.Module()
+        self.pca_proj.to_qkv = nn.Linear(C, 3 * PCA_HEADS * PCA_HEAD_DIM, bias=False)
+        self.gl_proj = nn.Module()
+        self.gl_proj.layers = nn.Module()
+        for g in range(num_groups):
+            self.gl_proj.layers.add_module(f"fc_layer_{g}", nn.Linear(C, D_T, bias=True))
+        self.cls_proj = nn.Linear(P, D_T, bias=True)
+        self.num_groups = num_groups
+
+    def group_layers(self):
+        return [getattr(self.gl_proj.layers, f"fc_layer_{g}") for g in range(self.num_groups)]
+
+
+def spec_dims(student, teacher):
+    """The widths the spec reads off the torchvision models ("Notation", "Taps"):
+    grid = image_size / patch_size (14 for ViT-B/16 at 224), D_T = the teacher's width (768),
+    F's stage (layer3 for /16, layer4 for /32) and its channels C (1024 for ResNet-50 layer3),
+    P = the pooled width fed to `fc` (2048), and the groups of the window rule."""
+    patch = teacher.patch_size
+    grid = teacher.image_size // patch
+    assert grid * patch == teacher.image_size
+    stage = STAGE_OF_PATCH[patch]
+    last_block = getattr(student, stage)[-1]
+    last_conv = last_block.conv3 if hasattr(last_block, "conv3") else last_block.conv2  # Bottleneck / BasicBlock
+    groups = group_token_indices(grid, GL_WINDOW)
+    return dict(grid=grid, stage=stage, C=last_conv.out_channels, P=student.fc.in_features,
+                D_T=teacher.hidden_dim, groups=groups, num_groups=len(groups))
+
+
+def assert_hook_free(model):
+    """The reference runs plain modules: no forward/backward hooks anywhere in `model`."""
+    for name, m in model.named_modules():
+        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                 getattr(m, "_backward_pre_hooks", {}))
+        assert not any(hooks), (f"{type(model).__name__}.{name or '(root)'} carries hooks: give the "
+                                f"reference a copy made before the project tapped the model")
+
+
+# ----------------------------------------------------------------------------------------------
+# The project's state -> the reference's modules (strict)
+# ----------------------------------------------------------------------------------------------
+def split_trainable_state(state):
+    """The project's `trainable.state_dict()` (or a dict of its parameters' grads): the student's
+    entries (prefix `student.` stripped) and the projector entries. Any other key is an error."""
+    student, projectors, other = {}, {}, []
+    for key, value in state.items():
+        if key.startswith("student."):
+            student[key[len("student."):]] = value
+        elif key.startswith(PROJECTOR_PREFIXES):
+            projectors[key] = value
+        else:
+            other.append(key)
+    if other:
+        raise SpecMismatch(f"trainable state has keys that are neither the student's nor a projector's: {other}")
+    return student, projectors
+
+
+def project_to_released(projectors, num_groups):
+    """The project's projector entries -> the spec's checkpoint layout ("Checkpoint layout").
+
+    The project keeps `pca_proj.to_qkv.weight` and `cls_proj.{weight,bias}` under the released
+    names and stacks the group Linears as `gl_proj.weight` (G, D_T, C) and `gl_proj.bias` (G, D_T),
+    group g in row g; the released layout has them as `gl_proj.layers.fc_layer_{g}.{weight,bias}`.
+    G must be the spec's group count (window rule), checked here; other shapes are checked on load.
+    """
+    expected = {"pca_proj.to_qkv.weight", "gl_proj.weight", "gl_proj.bias", "cls_proj.weight", "cls_proj.bias"}
+    if set(projectors) != expected:
+        raise SpecMismatch(f"projector keys {sorted(projectors)} are not the released projectors' "
+                           f"{sorted(expected)}")
+    weight, bias = projectors["gl_proj.weight"], projectors["gl_proj.bias"]
+    if weight.dim() != 3 or bias.dim() != 2 or weight.shape[0] != num_groups or bias.shape[0] != num_groups:
+        raise SpecMismatch(f"group-wise projector: gl_proj.weight {tuple(weight.shape)}, gl_proj.bias "
+                           f"{tuple(bias.shape)}, but the spec's window rule gives {num_groups} groups "
+                           f"((G, D_T, C) and (G, D_T) with G = {num_groups})")
+    released = {key: projectors[key] for key in ("pca_proj.to_qkv.weight", "cls_proj.weight", "cls_proj.bias")}
+    for g in range(num_groups):
+        released[f"gl_proj.layers.fc_layer_{g}.weight"] = weight[g]
+        released[f"gl_proj.layers.fc_layer_{g}.bias"] = bias[g]
+    return released
+
+
+def check_state_fits(module, state, what):
+    """Raise SpecMismatch unless `state` has exactly `module`'s keys, shapes and dtypes."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise SpecMismatch(f"{what}: keys differ from the spec's: missing {missing}, unexpected {unexpected}")
+    for key, ref in own.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise SpecMismatch(f"{what}: {key} has shape {tuple(got.shape)}, the spec's is {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise SpecMismatch(f"{what}: {key} is {got.dtype}, the reference's is {ref.dtype}")
+
+
+def strict_copy(module, state, what):
+    """Copy `state` into `module`'s own tensors after `check_state_fits`; `strict=True` as well."""
+    check_state_fits(module, state, what)
+    module.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+
+
+class ReferenceCAKD:
+    """One released CAKD step, with the reference's own projectors and PatchGAN.
+
+    `student` and `teacher` are plain (hook-free) torchvision models the reference runs; its
+    projectors and discriminator are built from the spec (`spec_dims`, the constants above),
+    randomly initialised (seeded) until `load_project_state` copies the project's values in.
+    """
+
+    def __init__(self, student, teacher, seed=0):
+        assert_hook_free(student)
+        assert_hook_free(teacher)
+        self.student, self.teacher = student, teacher
+        self.dims = spec_dims(student, teacher)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.projectors = ReferenceProjectors(self.dims["C"], self.dims["P"], self.dims["D_T"],
+                                                  self.dims["num_groups"])
+            self.discriminator = make_patchgan().train()
+
+    def load_project_state(self, trainable_state, discriminator_state):
+        """Copy the project's state in, strictly: `trainable_state` is the distiller's
+        `trainable.state_dict()` (student + projectors), `discriminator_state` its
+        `discriminator.state_dict()` (pix2pix keys, BatchNorm buffers included)."""
+        student_state, projector_state = split_trainable_state(trainable_state)
+        strict_copy(self.student, student_state, "student")
+        strict_copy(self.projectors, project_to_released(projector_state, self.dims["num_groups"]), "projectors")
+        strict_copy(self.discriminator, discriminator_state, "discriminator")
+        return self
+
+    def __call__(self, images, targets, epoch, label_smoothing=0.0):
+        assert_hook_free(self.student)
+        assert_hook_free(self.teacher)
+        return reference_losses(self.student, self.teacher, self.projectors, self.discriminator,
+                                images, targets, epoch, label_smoothing, stage=self.dims["stage"])
 
 
 def make_small_pair(num_classes=10, seed=0, image_size=64, patch_size=16):
@@ -140,9 +321,10 @@ def teacher_forward(teacher, images):
                 A_T_qk=A_T_qk, A_T_vv=A_T_vv, head_dim=hd, num_heads=nh)
 
 
-def student_forward(student, images, grid):
+def student_forward(student, images, grid, stage=None):
     """Spec "Taps" (student): conv1, bn1, relu, maxpool, layer1..4, avgpool, flatten, fc.
-    F = the stage whose spatial size equals the teacher grid (layer3 for /16, layer4 for /32)."""
+    F = the stage whose spatial size equals the teacher grid (layer3 for /16, layer4 for /32);
+    when `stage` is given (the spec's choice, `spec_dims`), it must be that one."""
     x = student.conv1(images)
     x = student.bn1(x)
     x = student.relu(x)
@@ -152,28 +334,30 @@ def student_forward(student, images, grid):
     x3 = student.layer3(x)
     x4 = student.layer4(x3)
     if tuple(x3.shape[-2:]) == (grid, grid):
-        Fmap = x3
+        found, Fmap = "layer3", x3
     elif tuple(x4.shape[-2:]) == (grid, grid):
-        Fmap = x4
+        found, Fmap = "layer4", x4
     else:
         raise ValueError(f"no student stage with a {grid}x{grid} grid: layer3 {tuple(x3.shape)}, "
                          f"layer4 {tuple(x4.shape)}")
+    assert stage is None or stage == found, (stage, found)
     P = torch.flatten(student.avgpool(x4), 1)                                # (B, 2048)
     z_S = student.fc(P)
     return Fmap, P, z_S
 
 
-def attention_projector(S, qkv_weight, pca_heads):
-    """Spec "Projectors", attention projector: bias-free Linear -> q, k, v (chunk order q,k,v);
-    A_S_qk = mean_h(q_h k_h^T) * d**-0.5, A_S_vv = mean_h(v_h v_h^T) * d**-0.5 (before softmax)."""
-    d = qkv_weight.shape[0] // 3 // pca_heads
-    assert 3 * pca_heads * d == qkv_weight.shape[0]
+def attention_projector(S, qkv_weight):
+    """Spec "Projectors", attention projector: bias-free Linear C -> 3*16*64 -> q, k, v (chunk
+    order q, k, v), each split into the spec's 16 heads of 64 (columns i*64:(i+1)*64);
+    A_S_qk = mean_h(q_h k_h^T) * 64**-0.5, A_S_vv = mean_h(v_h v_h^T) * 64**-0.5 (before softmax)."""
+    h, d = PCA_HEADS, PCA_HEAD_DIM
+    assert tuple(qkv_weight.shape) == (3 * h * d, S.shape[-1]), tuple(qkv_weight.shape)
     qkv = F.linear(S, qkv_weight)                                            # no bias
     q, k, v = qkv.chunk(3, dim=-1)
-    qh, kh, vh = split_heads_loop(q, pca_heads), split_heads_loop(k, pca_heads), \
-        split_heads_loop(v, pca_heads)
-    qk = [qh[i] @ kh[i].transpose(1, 2) for i in range(pca_heads)]
-    vv = [vh[i] @ vh[i].transpose(1, 2) for i in range(pca_heads)]
+    qh, kh, vh = split_heads_loop(q, h), split_heads_loop(k, h), split_heads_loop(v, h)
+    assert all(x.shape[-1] == d for x in qh + kh + vh)
+    qk = [qh[i] @ kh[i].transpose(1, 2) for i in range(h)]
+    vv = [vh[i] @ vh[i].transpose(1, 2) for i in range(h)]
     A_S_qk = torch.stack(qk, 0).mean(0) * d ** -0.5
     A_S_vv = torch.stack(vv, 0).mean(0) * d ** -0.5
     return A_S_qk, A_S_vv
@@ -194,7 +378,7 @@ def group_token_indices(grid, window):
     return groups
 
 
-def group_projector(S, gl_weights, gl_biases, grid, window):
+def group_projector(S, gl_weights, gl_biases, grid, window=GL_WINDOW):
     """f_S[:, i] = Linear_g(S[:, i]) for every token i of group g; built token by token."""
     groups = group_token_indices(grid, window)
     assert len(gl_weights) == len(groups) == len(gl_biases), (len(gl_weights), len(groups))
@@ -226,13 +410,30 @@ def _batch_norm_like_module(x, bn):
                         training=True, momentum=factor, eps=bn.eps)
 
 
+def patchgan_forward(disc, x):
+    """The spec's PatchGAN written out on `disc`'s own tensors (pix2pix indices), train-mode
+    BatchNorm updating `disc`'s running stats as the module would. -> (B, 1, 1, 1)."""
+    m = disc.model
+    x = F.leaky_relu(F.conv2d(x, m[0].weight, m[0].bias, stride=2, padding=1), 0.2)
+    x = F.conv2d(x, m[2].weight, None, stride=2, padding=1)
+    x = F.leaky_relu(_batch_norm_like_module(x, m[3]), 0.2)
+    x = F.conv2d(x, m[5].weight, None, stride=2, padding=1)
+    x = F.leaky_relu(_batch_norm_like_module(x, m[6]), 0.2)
+    x = F.conv2d(x, m[8].weight, None, stride=1, padding=1)
+    x = F.leaky_relu(_batch_norm_like_module(x, m[9]), 0.2)
+    x = F.conv2d(x, m[11].weight, m[11].bias, stride=1, padding=1)
+    return F.adaptive_avg_pool2d(x, 1)                                       # (B, 1, 1, 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # One step
 # ----------------------------------------------------------------------------------------------
-def reference_losses(student, teacher, disc, qkv_weight, gl_weights, gl_biases, cls_weight, cls_bias,
-                     images, targets, epoch, label_smoothing=0.0, pca_heads=16, window=4):
-    """Spec "Losses of one step at epoch e". Returns a dict of tensors: cls, pca, gl, adv, disc,
-    total, plus A_T_qk, A_T_vv, A_S_qk, A_S_vv, f_S, f_T, t_S, t_T, z_S, z_T, p_real, p_fake."""
+def reference_losses(student, teacher, projectors, disc, images, targets, epoch, label_smoothing=0.0,
+                     stage=None):
+    """Spec "Losses of one step at epoch e", with the reference's own `projectors`
+    (`ReferenceProjectors`) and `disc` (`make_patchgan()`). Returns a dict of tensors: cls, pca,
+    gl, adv, disc, total, plus A_T_qk, A_T_vv, A_S_qk, A_S_vv, f_S, f_T, t_S, t_T, z_S, z_T,
+    p_real, p_fake."""
     # ---- teacher (no grad) ----
     T = teacher_forward(teacher, images)
     N = T["A_T_qk"].shape[-1]
@@ -240,233 +441,33 @@ def reference_losses(student, teacher, disc, qkv_weight, gl_weights, gl_biases, 
     assert grid * grid == N
 
     # ---- student + projectors ----
-    Fmap, P, z_S = student_forward(student, images, grid)
+    Fmap, P, z_S = student_forward(student, images, grid, stage)
     S = Fmap.flatten(2).transpose(1, 2)                                      # (B, N, C)
-    A_S_qk, A_S_vv = attention_projector(S, qkv_weight, pca_heads)
-    f_S = group_projector(S, gl_weights, gl_biases, grid, window)
-    t_S = F.linear(P, cls_weight, cls_bias)                                  # token projector
+    A_S_qk, A_S_vv = attention_projector(S, projectors.pca_proj.to_qkv.weight)
+    layers = projectors.group_layers()
+    f_S = group_projector(S, [fc.weight for fc in layers], [fc.bias for fc in layers], grid, GL_WINDOW)
+    t_S = F.linear(P, projectors.cls_proj.weight, projectors.cls_proj.bias)  # token projector
 
-    # ---- discriminator, functional pix2pix layout (spec "Discriminator") ----
-    m = disc.model
-
-    def patchgan(x):
-        x = F.leaky_relu(F.conv2d(x, m[0].weight, m[0].bias, stride=2, padding=1), 0.2)
-        x = F.conv2d(x, m[2].weight, None, stride=2, padding=1)
-        x = F.leaky_relu(_batch_norm_like_module(x, m[3]), 0.2)
-        x = F.conv2d(x, m[5].weight, None, stride=2, padding=1)
-        x = F.leaky_relu(_batch_norm_like_module(x, m[6]), 0.2)
-        x = F.conv2d(x, m[8].weight, None, stride=1, padding=1)
-        x = F.leaky_relu(_batch_norm_like_module(x, m[9]), 0.2)
-        x = F.conv2d(x, m[11].weight, m[11].bias, stride=1, padding=1)
-        return F.adaptive_avg_pool2d(x, 1)                                   # (B, 1, 1, 1)
-
+    # ---- discriminator (spec "Discriminator"), called twice in train mode ----
     def l(p, real):
         target = torch.ones_like(p) if real else torch.zeros_like(p)
         return F.binary_cross_entropy_with_logits(p, target)
 
-    p_real = patchgan(T["A_T_qk"][:, None].detach())                         # call 1: real
-    p_fake = patchgan(A_S_qk[:, None].detach())                              # call 2: fake (quirk 2)
+    p_real = patchgan_forward(disc, T["A_T_qk"][:, None].detach())           # call 1: real
+    p_fake = patchgan_forward(disc, A_S_qk[:, None].detach())                # call 2: fake (quirk 2)
 
     # ---- losses ----
     mse = F.mse_loss                                                         # mean over all elems
     z_T, t_T, f_T = T["z_T"], T["t_T"], T["f_T"]
     A_T_qk, A_T_vv = T["A_T_qk"], T["A_T_vv"]
     L_cls = F.cross_entropy(z_S, targets, label_smoothing=label_smoothing)
-    L_pca = 0.2 * mse(A_S_qk, A_T_qk) + 0.05 * mse(A_S_vv, A_T_vv)
-    L_gl = mse(z_S, z_T) + mse(t_S, t_T) + 0.05 * mse(f_S, f_T)
-    L_D = 0.5 * (l(p_real.detach(), True) + l(p_fake, False))                # quirk 1
-    L_adv = 0.05 * l(p_real.detach(), True) + l(p_fake, True)
+    L_pca = PCA_QK_WEIGHT * mse(A_S_qk, A_T_qk) + PCA_VV_WEIGHT * mse(A_S_vv, A_T_vv)
+    L_gl = mse(z_S, z_T) + mse(t_S, t_T) + FEATURE_WEIGHT * mse(f_S, f_T)
+    L_D = DISC_WEIGHT * (l(p_real.detach(), True) + l(p_fake, False))        # quirk 1
+    L_adv = ADV_REAL_WEIGHT * l(p_real.detach(), True) + l(p_fake, True)
     total = L_cls + lam(epoch) * (L_pca + L_gl + L_adv)
 
     return dict(cls=L_cls, pca=L_pca, gl=L_gl, adv=L_adv, disc=L_D, total=total,
                 A_T_qk=A_T_qk, A_T_vv=A_T_vv, A_S_qk=A_S_qk, A_S_vv=A_S_vv,
                 f_S=f_S, f_T=f_T, t_S=t_S, t_T=t_T, z_S=z_S, z_T=z_T,
                 p_real=p_real, p_fake=p_fake)
-
-
-# ----------------------------------------------------------------------------------------------
-# Test helpers
-# ----------------------------------------------------------------------------------------------
-def check_teacher_forward(teacher, images, atol=1e-5):
-    """Asserts the hand-written last block matches torchvision: z_T == teacher(images) and the
-    per-head softmax(scores) averaged over heads == nn.MultiheadAttention's averaged weights."""
-    T = teacher_forward(teacher, images)
-    with torch.no_grad():
-        z_ref = teacher(images)
-        # feed the same X through the module's attention to validate the head split
-        attn = teacher.encoder.layers[-1].self_attention
-        _, w_ref = attn(T["X"], T["X"], T["X"], need_weights=True, average_attn_weights=True)
-    err_z = (T["z_T"] - z_ref).abs().max().item()
-    assert err_z <= atol, f"manual teacher forward differs from teacher(images): {err_z}"
-    w_mine = torch.stack([torch.softmax(s, -1) for s in T["scores"]], 0).mean(0)
-    err_w = (w_mine - w_ref).abs().max().item()
-    assert err_w <= atol, f"manual attention weights differ from MultiheadAttention: {err_w}"
-    return err_z, err_w
-
-
-def make_projector_params(C, D_T, P_dim, n_groups, pca_heads=16, head_dim=64, seed=0):
-    """Random leaf tensors (requires_grad) for the three projectors."""
-    g = torch.Generator().manual_seed(seed)
-    qkv_weight = (torch.randn(3 * pca_heads * head_dim, C, generator=g) / math.sqrt(C)).requires_grad_()
-    gl_weights = [(torch.randn(D_T, C, generator=g) / math.sqrt(C)).requires_grad_()
-                  for _ in range(n_groups)]
-    gl_biases = [(0.1 * torch.randn(D_T, generator=g)).requires_grad_() for _ in range(n_groups)]
-    cls_weight = (torch.randn(D_T, P_dim, generator=g) / math.sqrt(P_dim)).requires_grad_()
-    cls_bias = (0.1 * torch.randn(D_T, generator=g)).requires_grad_()
-    return qkv_weight, gl_weights, gl_biases, cls_weight, cls_bias
-
-
-# ----------------------------------------------------------------------------------------------
-# Sanity run
-# ----------------------------------------------------------------------------------------------
-def _sanity_case(name, student, teacher, C, grid, window=4, batch=2, num_classes=10,
-                 soft_targets=False, expect_group_sizes=None):
-    print(f"=== {name} ===")
-    torch.manual_seed(123)
-    size = teacher.image_size
-    images = torch.randn(batch, 3, size, size)
-    if soft_targets:
-        targets = torch.softmax(torch.randn(batch, num_classes), -1)
-    else:
-        targets = torch.randint(0, num_classes, (batch,))
-    D_T = teacher.hidden_dim
-    N = grid * grid
-
-    err_z, err_w = check_teacher_forward(teacher, images)
-    print(f"teacher manual vs torchvision: max|dz_T| = {err_z:.2e}, max|d attn weights| = {err_w:.2e}")
-
-    groups = group_token_indices(grid, window)
-    sizes = [len(g) for g in groups]
-    print(f"grid {grid}x{grid}, window {window}: {len(groups)} groups of sizes {sizes}")
-    if expect_group_sizes is not None:
-        assert sizes == expect_group_sizes, sizes
-    assert sorted(i for g in groups for i in g) == list(range(N))
-
-    params = make_projector_params(C, D_T, student.fc.in_features, len(groups))
-    qkv_weight, gl_weights, gl_biases, cls_weight, cls_bias = params
-    disc = make_patchgan().train()
-    disc_copy = copy.deepcopy(disc)
-    student_copy = copy.deepcopy(student)
-
-    out = reference_losses(student, teacher, disc, qkv_weight, gl_weights, gl_biases,
-                           cls_weight, cls_bias, images, targets, epoch=40, label_smoothing=0.1)
-    for k in ["cls", "pca", "gl", "adv", "disc", "total"]:
-        print(f"  {k:5s} = {out[k].item():.6f}")
-
-    # shapes
-    B, K = batch, num_classes
-    expect = dict(A_T_qk=(B, N, N), A_T_vv=(B, N, N), A_S_qk=(B, N, N), A_S_vv=(B, N, N),
-                  f_S=(B, N, D_T), f_T=(B, N, D_T), t_S=(B, D_T), t_T=(B, D_T), z_S=(B, K),
-                  z_T=(B, K), p_real=(B, 1, 1, 1), p_fake=(B, 1, 1, 1))
-    for k, s in expect.items():
-        assert tuple(out[k].shape) == s, (k, tuple(out[k].shape), s)
-    for k in ["cls", "pca", "gl", "adv", "disc", "total"]:
-        assert out[k].dim() == 0 and torch.isfinite(out[k])
-    print("  shapes ok")
-
-    # total = cls + lam * (pca + gl + adv)
-    recomposed = out["cls"] + 0.2 * (out["pca"] + out["gl"] + out["adv"])
-    assert torch.allclose(out["total"], recomposed)
-
-    # functional PatchGAN == module (outputs and running stats after the two train-mode calls)
-    p_real_m = disc_copy(out["A_T_qk"][:, None])
-    p_fake_m = disc_copy(out["A_S_qk"][:, None].detach())
-    assert torch.allclose(p_real_m, out["p_real"], atol=1e-5)
-    assert torch.allclose(p_fake_m, out["p_fake"], atol=1e-5)
-    sd_f, sd_m = disc.state_dict(), disc_copy.state_dict()
-    assert list(sd_f.keys()) == [
-        "model.0.weight", "model.0.bias", "model.2.weight",
-        "model.3.weight", "model.3.bias", "model.3.running_mean", "model.3.running_var",
-        "model.3.num_batches_tracked", "model.5.weight",
-        "model.6.weight", "model.6.bias", "model.6.running_mean", "model.6.running_var",
-        "model.6.num_batches_tracked", "model.8.weight",
-        "model.9.weight", "model.9.bias", "model.9.running_mean", "model.9.running_var",
-        "model.9.num_batches_tracked", "model.11.weight", "model.11.bias"], list(sd_f.keys())
-    for k in sd_f:
-        assert torch.allclose(sd_f[k].float(), sd_m[k].float(), atol=1e-6), k
-    assert int(sd_f["model.3.num_batches_tracked"]) == 2
-    print("  functional PatchGAN == module (logits and BN running stats) ok")
-
-    # student forward matches the module's own forward (same BN state before the call)
-    with torch.no_grad():
-        z_mod = student_copy(images)
-    assert torch.allclose(z_mod, out["z_S"], atol=1e-5)
-
-    student_params = [p for p in student.parameters()]
-    proj_params = [qkv_weight, *gl_weights, *gl_biases, cls_weight, cls_bias]
-    disc_params = list(disc.parameters())
-
-    # adv alone: no gradient to student or projectors (quirk 2), but some to disc
-    g_adv = torch.autograd.grad(out["adv"], student_params + proj_params + disc_params,
-                                retain_graph=True, allow_unused=True)
-    ns, npj = len(student_params), len(proj_params)
-    assert all(g is None for g in g_adv[:ns + npj]), "adv must not reach student/projectors"
-    assert any(g is not None and g.abs().sum() > 0 for g in g_adv[ns + npj:])
-    print("  adv: no grad to student/projectors, non-zero grad to disc ok")
-
-    # disc (L_D) alone: only the disc's parameters get gradient (fake map detached)
-    g_d = torch.autograd.grad(out["disc"], student_params + proj_params + disc_params,
-                              retain_graph=True, allow_unused=True)
-    assert all(g is None for g in g_d[:ns + npj])
-    assert any(g is not None and g.abs().sum() > 0 for g in g_d[ns + npj:])
-    # pca and the f_S part of gl reach the student's F stage (layer3 or layer4)
-    F_stage = student.layer4 if C == student.fc.in_features else student.layer3
-    for term in ("pca", "gl"):
-        g = torch.autograd.grad(out[term], [qkv_weight, F_stage[0].conv1.weight],
-                                retain_graph=True, allow_unused=True)
-        assert g[1] is not None and g[1].abs().sum() > 0, term
-    print("  disc: grad only to disc; pca/gl reach the student's F stage ok")
-
-    # total.backward(): non-zero grads on student and projector params
-    out["total"].backward()
-    for name_, p in [("student.conv1.weight", student.conv1.weight),
-                     ("student.layer3[0].conv1.weight", student.layer3[0].conv1.weight),
-                     ("student.layer4[0].conv1.weight", student.layer4[0].conv1.weight),
-                     ("student.fc.weight", student.fc.weight)]:
-        assert p.grad is not None and p.grad.abs().sum() > 0, name_
-    for i, p in enumerate(proj_params):
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"projector param {i}"
-    n_zero = sum(1 for p in student_params if p.grad is None or p.grad.abs().sum() == 0)
-    print(f"  total.backward(): student params with grad {len(student_params) - n_zero}/"
-          f"{len(student_params)}, all {len(proj_params)} projector tensors non-zero ok")
-
-    # lam(e) = 0 before epoch 26: total == cls
-    out10 = reference_losses(copy.deepcopy(student_copy), teacher, make_patchgan(), qkv_weight,
-                             gl_weights, gl_biases, cls_weight, cls_bias, images, targets,
-                             epoch=10, label_smoothing=0.1)
-    assert torch.equal(out10["total"], out10["cls"])
-    print(f"  epoch 10: total == cls == {out10['cls'].item():.6f} ok")
-    return out
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(2)
-    assert [lam(e) for e in (0, 25, 26, 30, 35, 100)] == [0, 0, 0.02, 0.1, 0.2, 0.2]
-
-    # (1) the brief's small pair at 64x64: 4x4 grid from resnet18 layer3, 1 group. The teacher
-    #     taps and projectors work, but the spec's PatchGAN cannot take a 16x16 map.
-    print("=== small pair 64x64 (4x4 grid, resnet18 layer3, 256 ch) ===")
-    student, teacher = make_small_pair(num_classes=10, seed=0)
-    images = torch.randn(2, 3, 64, 64)
-    err_z, err_w = check_teacher_forward(teacher, images)
-    print(f"teacher manual vs torchvision: max|dz_T| = {err_z:.2e}, max|d attn weights| = {err_w:.2e}")
-    Fmap, P, z_S = student_forward(student, images, 4)
-    assert Fmap.shape == (2, 256, 4, 4) and P.shape == (2, 512) and z_S.shape == (2, 10)
-    print(f"groups: {[len(g) for g in group_token_indices(4, 4)]}")
-    try:
-        make_patchgan().train()(torch.zeros(2, 1, 16, 16))
-        raise AssertionError("expected the PatchGAN to reject a 16x16 map")
-    except RuntimeError as e:
-        print(f"PatchGAN on a 16x16 map fails as expected: {str(e).splitlines()[0][:90]}")
-
-    # (2) same small pair at 96x96: 6x6 grid from resnet18 layer3, 4 groups of 16, 8, 8, 4
-    student, teacher = make_small_pair(num_classes=10, seed=0, image_size=96)
-    _sanity_case("small pair 96x96 (6x6 grid, resnet18 layer3, 256 ch), hard targets",
-                 student, teacher, C=256, grid=6, expect_group_sizes=[16, 8, 8, 4])
-
-    # (3) 224 /32 teacher: 7x7 grid -> resnet18 layer4 (512 ch), 4 groups of 16, 12, 12, 9
-    student, teacher = make_small_pair(num_classes=10, seed=1, image_size=224, patch_size=32)
-    _sanity_case("224 /32 pair (7x7 grid, resnet18 layer4, 512 ch), soft targets",
-                 student, teacher, C=512, grid=7, soft_targets=True,
-                 expect_group_sizes=[16, 12, 12, 9])
-    print("ALL SANITY CHECKS PASSED")

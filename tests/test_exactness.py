@@ -1,6 +1,10 @@
 """Every loss term and gradient of the cakd distiller against the plain, hook-free
 recomputation of ``reference.md`` in ``reference_impl.py``: losses to 1e-5 relative,
-gradients to 1e-4."""
+gradients to 1e-4.
+
+The reference owns its projectors and PatchGAN (shapes from the spec, not from the project);
+the project's state enters through its strict loader, so another PatchGAN width, projector
+width or group count fails on load, and another head split fails on the values."""
 import copy
 
 import pytest
@@ -8,7 +12,8 @@ import torch
 import torchvision
 
 import cakd
-from reference_impl import make_small_pair, reference_losses
+from cakd.discriminator import PatchGAN
+from reference_impl import ReferenceCAKD, SpecMismatch, make_small_pair, project_to_released, split_trainable_state
 
 LOSSES = ("cls", "pca", "gl", "adv", "disc", "total")
 
@@ -27,47 +32,52 @@ def assert_grads_close(ours, ref, name):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def run_both(student, teacher, images, targets, epoch, label_smoothing=0.0):
-    distiller = cakd.build_distiller("cakd", student, teacher, label_smoothing=label_smoothing)
+def build_both(student, teacher, label_smoothing=0.0, **overrides):
+    """The project's distiller and the reference, the latter on hook-free copies of the models
+    (taken before the project taps them) with the project's state copied in strictly."""
+    ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    distiller = cakd.build_distiller("cakd", student, teacher, label_smoothing=label_smoothing, **overrides)
     distiller.train()
+    ref = ReferenceCAKD(ref_student, ref_teacher)
+    ref.load_project_state(distiller.trainable.state_dict(), distiller.discriminator.state_dict())
+    return distiller, ref
+
+
+def run_both(student, teacher, images, targets, epoch, label_smoothing=0.0):
+    distiller, ref = build_both(student, teacher, label_smoothing)
     t = distiller.trainable
-    # the reference runs on copies: both steps update BatchNorm running stats
-    ref_student, ref_disc = copy.deepcopy(student), copy.deepcopy(distiller.discriminator)
-    qkv = t.pca_proj.to_qkv.weight.detach().clone().requires_grad_()
-    gl_w = [w.detach().clone().requires_grad_() for w in t.gl_proj.weight]
-    gl_b = [b.detach().clone().requires_grad_() for b in t.gl_proj.bias]
-    cls_w = t.cls_proj.weight.detach().clone().requires_grad_()
-    cls_b = t.cls_proj.bias.detach().clone().requires_grad_()
 
     ours = distiller(images, targets, epoch=epoch)
-    ref = reference_losses(
-        ref_student, teacher, ref_disc, qkv, gl_w, gl_b, cls_w, cls_b, images, targets, epoch, label_smoothing
-    )
+    out = ref(images, targets, epoch, label_smoothing)
     for name in LOSSES:
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours[name], out[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
-    # discriminator gradients of L_D
-    d_params = list(distiller.discriminator.parameters())
-    ours_d = torch.autograd.grad(ours["disc"], d_params, retain_graph=True)
-    ref_d = torch.autograd.grad(ref["disc"], list(ref_disc.parameters()), retain_graph=True)
-    for (name, _), a, b in zip(distiller.discriminator.named_parameters(), ours_d, ref_d):
+    # discriminator gradients of L_D, parameter by parameter under the pix2pix names
+    d_named = dict(distiller.discriminator.named_parameters())
+    ref_named = dict(ref.discriminator.named_parameters())
+    assert list(d_named) == list(ref_named)
+    ours_d = torch.autograd.grad(ours["disc"], list(d_named.values()), retain_graph=True)
+    ref_d = torch.autograd.grad(out["disc"], list(ref_named.values()), retain_graph=True)
+    for name, a, b in zip(d_named, ours_d, ref_d):
         assert_grads_close(a, b, f"disc.{name}")
     torch.testing.assert_close(
-        dict(distiller.discriminator.named_buffers()), dict(ref_disc.named_buffers()), rtol=1e-5, atol=1e-6
+        dict(distiller.discriminator.named_buffers()), dict(ref.discriminator.named_buffers()), rtol=1e-5, atol=1e-6
     )
 
     # student and projector gradients of the total loss
     ours["total"].backward()
-    ref["total"].backward()
-    ref_student_params = dict(ref_student.named_parameters())
+    out["total"].backward()
+    ref_student_params = dict(ref.student.named_parameters())
     for name, p in student.named_parameters():
         assert_grads_close(p.grad, ref_student_params[name].grad, f"student.{name}")
-    assert_grads_close(t.pca_proj.to_qkv.weight.grad, qkv.grad, "pca_proj.to_qkv.weight")
-    assert_grads_close(t.gl_proj.weight.grad, torch.stack([w.grad for w in gl_w]), "gl_proj.weight")
-    assert_grads_close(t.gl_proj.bias.grad, torch.stack([b.grad for b in gl_b]), "gl_proj.bias")
-    assert_grads_close(t.cls_proj.weight.grad, cls_w.grad, "cls_proj.weight")
-    assert_grads_close(t.cls_proj.bias.grad, cls_b.grad, "cls_proj.bias")
-    return distiller, ours
+    # the project's gradients in the spec's checkpoint layout, against the reference's own
+    _, ours_proj = split_trainable_state({name: p.grad for name, p in t.named_parameters()})
+    ours_proj = project_to_released(ours_proj, ref.dims["num_groups"])
+    ref_proj = dict(ref.projectors.named_parameters())
+    assert set(ours_proj) == set(ref_proj)
+    for name, p in ref_proj.items():
+        assert_grads_close(ours_proj[name], p.grad, name)
+    return distiller, ours, ref
 
 
 @pytest.mark.parametrize("epoch", [0, 30, 40])
@@ -89,8 +99,9 @@ def test_small_pair_soft_targets_label_smoothing():
 def test_patch32_pair_layer4_seven_by_seven():
     student, teacher = make_small_pair(image_size=224, patch_size=32)
     torch.manual_seed(7)
-    distiller, _ = run_both(student, teacher, torch.randn(2, 3, 224, 224), torch.tensor([0, 9]), epoch=40)
-    assert distiller.trainable.taps.stage == "layer4"
+    distiller, _, ref = run_both(student, teacher, torch.randn(2, 3, 224, 224), torch.tensor([0, 9]), epoch=40)
+    assert distiller.trainable.taps.stage == ref.dims["stage"] == "layer4"
+    assert ref.dims["num_groups"] == 4
 
 
 def test_resnet50_vit_b_16_full_size():
@@ -99,9 +110,13 @@ def test_resnet50_vit_b_16_full_size():
     teacher = perturb(cakd.build_teacher("vit_b_16", weights=None))
     torch.manual_seed(8)
     images = torch.randn(2, 3, 224, 224)
-    distiller, ours = run_both(student, teacher, images, torch.tensor([3, 999]), epoch=40)
-    assert distiller.trainable.taps.stage == "layer3"
+    distiller, ours, ref = run_both(student, teacher, images, torch.tensor([3, 999]), epoch=40)
+    assert distiller.trainable.taps.stage == ref.dims["stage"] == "layer3"
     assert distiller.trainable.gl_proj.weight.shape == (16, 768, 1024)
+    # the reference's own shapes, from the spec: 3*16*64 x 1024, 16 groups of 768 x 1024, 768 x 2048
+    assert ref.projectors.pca_proj.to_qkv.weight.shape == (3072, 1024)
+    assert [fc.weight.shape for fc in ref.projectors.group_layers()] == [(768, 1024)] * 16
+    assert ref.projectors.cls_proj.weight.shape == (768, 2048)
 
 
 def test_lambda_ramp():
@@ -153,3 +168,38 @@ def test_released_update_order_and_quirks():
     g_on = torch.autograd.grad(on, list(real_on.discriminator.parameters()))
     g_off = torch.autograd.grad(off, list(real_off.discriminator.parameters()))
     assert max((a - b).abs().max() for a, b in zip(g_on, g_off)) > 1e-9
+
+
+def test_yardstick_sees_other_widths_and_head_splits():
+    """Project modules of other shapes than the spec's fail the reference's strict load (another
+    PatchGAN width, head width, group count, a missing projector); 32 heads of 32, which has the
+    released weight shape, loads but gives other maps, so the losses differ."""
+    pristine, teacher = make_small_pair(image_size=96)  # 6x6 grid: 4 groups; C = 256
+    distiller, ref = build_both(copy.deepcopy(pristine), teacher)
+    trainable, disc = distiller.trainable.state_dict(), distiller.discriminator.state_dict()
+    ref.load_project_state(trainable, disc)  # the released shapes load
+    with pytest.raises(SpecMismatch, match=r"discriminator: model.0.weight has shape \(16, 1, 4, 4\), the spec's is \(8, 1, 4, 4\)"):
+        ref.load_project_state(trainable, PatchGAN(width=16).state_dict())
+    cases = [
+        (dict(pca_heads=16, pca_head_dim=32), r"pca_proj.to_qkv.weight has shape \(1536, 256\), the spec's is \(3072, 256\)"),
+        (dict(gl_window=2), r"gl_proj.weight \(9, 32, 256\).*window rule gives 4 groups"),
+        (dict(use_token=False), r"projector keys .* are not the released projectors'"),
+    ]
+    for overrides, message in cases:
+        other = cakd.build_distiller("cakd", copy.deepcopy(pristine), teacher, **overrides)
+        with pytest.raises(SpecMismatch, match=message):
+            ref.load_project_state(other.trainable.state_dict(), disc)
+        other.close()
+    with pytest.raises(SpecMismatch, match="keys differ from the spec's: missing \\['model.11.bias'\\]"):
+        ref.load_project_state(trainable, {k: v for k, v in disc.items() if k != "model.11.bias"})
+    distiller.close()
+
+    # 32 heads of 32: the same (3072, C) weight, loaded strictly, yet other numbers
+    distiller, ref = build_both(copy.deepcopy(pristine), teacher, pca_heads=32, pca_head_dim=32)
+    assert distiller.trainable.pca_proj.to_qkv.weight.shape == ref.projectors.pca_proj.to_qkv.weight.shape
+    torch.manual_seed(4)
+    images, targets = torch.randn(2, 3, 96, 96), torch.tensor([1, 2])
+    ours, out = distiller(images, targets, epoch=40), ref(images, targets, 40)
+    torch.testing.assert_close(ours["cls"], out["cls"], rtol=1e-5, atol=1e-7)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(ours["pca"], out["pca"], rtol=1e-5, atol=1e-7)

@@ -18,7 +18,8 @@ def losses_of(student, teacher, images, targets, memory_format=torch.contiguous_
         losses = distiller(images, targets, epoch=40)
     grad = torch.autograd.grad(losses["total"], [distiller.trainable.gl_proj.weight, distiller.student.conv1.weight])
     distiller.close()
-    return {k: v.detach().double() for k, v in losses.items()}, [g.double() for g in grad]
+    dtypes = {k: v.dtype for k, v in losses.items()}
+    return {k: v.detach().double() for k, v in losses.items()}, [g.double() for g in grad], dtypes
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def setup():
 
 def test_batched_projector_equals_loop(setup):
     student, teacher, images, targets = setup
-    (a, ga), (b, gb) = losses_of(*setup), losses_of(*setup, gl_batched=False)
+    (a, ga, _), (b, gb, _) = losses_of(*setup), losses_of(*setup, gl_batched=False)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-6)
     for x, y in zip(ga, gb):
@@ -40,8 +41,8 @@ def test_batched_projector_equals_loop(setup):
 def test_channels_last_as_accurate_as_contiguous(setup):
     """The same losses, and gradients as close to a float64 recomputation as the plain path's
     (this small random student is ill-conditioned: fp32 itself is ~0.5% off on conv1)."""
-    (exact, g_exact) = losses_of(*setup, dtype=torch.float64)
-    (a, ga), (b, gb) = losses_of(*setup), losses_of(*setup, memory_format=torch.channels_last)
+    (exact, g_exact, _) = losses_of(*setup, dtype=torch.float64)
+    (a, ga, _), (b, gb, _) = losses_of(*setup), losses_of(*setup, memory_format=torch.channels_last)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
     for plain, fast, truth in zip(ga, gb, g_exact):
@@ -50,9 +51,27 @@ def test_channels_last_as_accurate_as_contiguous(setup):
 
 def test_bf16_autocast_close_to_fp32(setup):
     """bf16 has an 8-bit mantissa: losses agree to a few percent, and are computed in fp32."""
-    (a, _), (b, _) = losses_of(*setup), losses_of(*setup, bf16=True)
+    (a, _, _), (b, _, dtypes) = losses_of(*setup), losses_of(*setup, bf16=True)
+    assert set(dtypes) == {"cls", "pca", "gl", "adv", "disc", "total"}
+    assert dtypes == dict.fromkeys(dtypes, torch.float32), f"losses under bf16 autocast not all float32: {dtypes}"
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=5e-2, atol=2e-2)
+
+
+def test_loss_helpers_compute_in_fp32_outside_autocast():
+    """Under autocast torch itself runs mse_loss / BCE in fp32; outside it (bf16 targets kept
+    from an autocast forward, a bf16 model) the helpers must cast: fp32 results, fp32 arithmetic."""
+    from cakd.discriminator import gan_loss
+    from cakd.distillers import mse
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 300), torch.randn(4, 300)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    out = mse(a16, b16)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.nn.functional.mse_loss(a16.float(), b16.float()), rtol=1e-6, atol=0)
+    for real in (True, False):
+        assert gan_loss(a16, real).dtype == torch.float32
 
 
 def test_torch_compile_gives_the_same_losses(setup):
