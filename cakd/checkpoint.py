@@ -43,7 +43,8 @@ def split_reference_state_dict(state_dict):
 
 
 def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=None):
-    """Load the released layout into ``distiller`` (student strictly; projectors where it has them)."""
+    """Load the released layout into ``distiller``, strictly: student and projector keys must
+    be exactly this distiller's (a projector left out would stay random without a word)."""
     student, projectors = split_reference_state_dict(state_dict)
     try:
         distiller.student.load_state_dict(student, strict=True)
@@ -54,12 +55,14 @@ def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=No
             f"({' '.join(line.strip() for line in first[1:3])}): check --student and the class count"
         ) from None
     trainable = distiller.trainable
-    if trainable.pca_proj is not None:
-        expected = {k for k in trainable.state_dict() if k.startswith(_PROJECTOR_PREFIXES)}
-        if set(projectors) != expected:
-            raise ValueError(
-                f"checkpoint projector keys {sorted(projectors)} do not match this distiller's {sorted(expected)}"
-            )
+    expected = {k for k in trainable.state_dict() if k.startswith(_PROJECTOR_PREFIXES)}
+    if set(projectors) != expected:
+        missing, unexpected = sorted(expected - set(projectors)), sorted(set(projectors) - expected)
+        raise ValueError(
+            f"checkpoint projector keys do not match this distiller's (missing: {', '.join(missing) or 'none'}; "
+            f"unexpected: {', '.join(unexpected) or 'none'}): build the distiller with the switches it was trained with"
+        )
+    if expected:
         trainable.load_state_dict({**{"student." + k: v for k, v in student.items()}, **projectors}, strict=True)
     if discriminator_state_dict is not None:
         if distiller.discriminator is None:

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from cakd.checkpoint import export_student, save_atomic  # noqa: E402
+from cakd.checkpoint import export_student, save_atomic, split_reference_state_dict  # noqa: E402
 from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
 from cakd.models import build_student  # noqa: E402
 from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
@@ -44,8 +44,9 @@ def reference_student(checkpoint, which, arch):
         distiller = BaselineDistiller(StudentWithProjectors(student))
         source = checkpoint.contents["model"] if which == "student" else checkpoint.contents["model_ema"]
         source = {k: v for k, v in source.items() if k != "n_averaged"}
+        student_keys = split_reference_state_dict(source)[0]  # the import is strict: no projectors here
         try:
-            distiller.load_reference_state_dict(source)
+            distiller.load_reference_state_dict(student_keys)
         except ValueError as error:
             raise UserError(f"{checkpoint.path}: {error}") from None
         return distiller.student.eval()

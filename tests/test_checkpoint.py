@@ -53,8 +53,25 @@ def test_ddp_prefix_and_logits_recipe_import():
     source = cakd.build_distiller("cakd", cakd.build_student("resnet18", num_classes=10), teacher)
     released = {"module." + k: v for k, v in to_released_layout(source).items()}
     logits = cakd.build_distiller("logits", cakd.build_student("resnet18", num_classes=10), teacher)
-    logits.load_reference_state_dict(released)  # projector keys are not needed here
+    with pytest.raises(ValueError, match=r"missing: none; unexpected: cls_proj.bias, cls_proj.weight, gl_proj.bias"):
+        logits.load_reference_state_dict(released)  # a logits distiller has no projectors to take them
+    logits.load_reference_state_dict({k: v for k, v in released.items() if not k.startswith("module.") or "_proj." not in k})
     torch.testing.assert_close(logits.student.state_dict(), source.student.state_dict())
+
+
+@pytest.mark.parametrize("drop, overrides, message", [
+    ("cls_proj.", {}, r"missing: cls_proj.bias, cls_proj.weight; unexpected: none"),
+    ("nothing", {"use_pca": False, "disc_form": "mlp"}, r"missing: none; unexpected: pca_proj.to_qkv.weight"),
+    ("gl_proj.", {"use_pca": False, "disc_form": "mlp"}, r"missing: gl_proj.bias, gl_proj.weight; unexpected: pca_proj"),
+])
+def test_import_fails_on_a_missing_or_unexpected_projector_key(drop, overrides, message):
+    """A projector the file lacks would stay random, one it has too many would be dropped: both fail."""
+    teacher = tiny_vit(image_size=96)
+    source = cakd.build_distiller("cakd", cakd.build_student("resnet18", num_classes=10), teacher)
+    released = {k: v for k, v in to_released_layout(source).items() if not k.startswith(drop)}
+    target = cakd.build_distiller("cakd", cakd.build_student("resnet18", num_classes=10), teacher, **overrides)
+    with pytest.raises(ValueError, match=message):
+        target.load_reference_state_dict(released)
 
 
 def test_import_that_does_not_fit_is_one_clear_error():
