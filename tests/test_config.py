@@ -91,3 +91,33 @@ def test_config_key_loads_a_parent_file_first(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "loop.yaml")])
     assert "includes itself" in capsys.readouterr().err
+
+
+def test_typos_are_one_line_naming_the_nearest_flag_or_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--lrr", "0.1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: unrecognized arguments: --lrr 0.1 (did you mean --lr?); see --help"]
+    path = tmp_path / "c.yaml"
+    path.write_text("lr_warmup_epoch: 3\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(path)])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "unknown key(s) lr_warmup_epoch (lr_warmup_epoch: did you mean lr_warmup_epochs?)" in err[0]
+
+
+def test_print_freq_zero_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--print-freq", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --print-freq 0: it must be 1 or more (iterations between progress lines); see --help"]
+
+
+def test_saved_config_neither_resumes_nor_only_tests(tmp_path):
+    """Rerunning with --config runs/x/config.yaml trains that configuration afresh."""
+    args = parse_args(["--resume", "runs/x/checkpoint.pth", "--test-only", "--start-epoch", "3", "--lr", "0.3"])
+    path = str(tmp_path / "config.yaml")
+    save_config(args, path)
+    assert not {"resume", "test_only", "start_epoch"} & set(yaml.safe_load(open(path)))
+    again = parse_args(["--config", path])
+    assert (again.resume, again.test_only, again.start_epoch, again.lr) == ("", False, 0, 0.3)

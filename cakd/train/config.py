@@ -8,13 +8,47 @@ generated from the recipe config dataclasses, so each has one source of truth.
 """
 import argparse
 import dataclasses
+import difflib
 import os
+import sys
 
 import yaml
 
 from ..distillers import CHOICES, DISTILLERS, CAKDConfig
 from ..models import STUDENTS, TEACHERS
+from .errors import first_to_report
 from .optim import SCHEDULERS
+
+# what a run is asked to do, not how it trains: kept out of config.yaml and the checkpoint's args,
+# so that rerunning with --config runs/x/config.yaml neither resumes nor only tests by accident
+NOT_SAVED = ("config", "distributed", "rank", "gpu", "resume", "start_epoch", "test_only")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error:`` line (with the nearest flag for a typo), said once
+    per run under torchrun, instead of the whole usage text from every rank."""
+
+    def error(self, message):
+        if first_to_report():
+            print(f"error: {message}{self.suggestion(message)}; see --help", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    def suggestion(self, message):
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            if word.startswith("-"):
+                near = nearest(word.split("=")[0], flags)
+                if near:
+                    return f" (did you mean {near}?)"
+        return ""
+
+
+def nearest(word, choices):
+    """The choice closest to a mistyped ``word``, or None when none is close."""
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
 
 
 def _bool(value):
@@ -42,7 +76,7 @@ def distiller_option_fields():
 
 
 def get_args_parser(add_help=True):
-    p = argparse.ArgumentParser(description="Cross-architecture knowledge distillation training", add_help=add_help)
+    p = ArgumentParser(description="Cross-architecture knowledge distillation training", add_help=add_help)
     p.add_argument("--config", default=None, type=str, help="YAML file of flag values (the command line wins)")
 
     g = p.add_argument_group("recipe and models")
@@ -168,7 +202,9 @@ def load_yaml(path, parser, _seen=()):
     known = _known_keys(parser)
     unknown = sorted(key for key in data if str(key).replace("-", "_") not in known)
     if unknown:
-        parser.error(f"config file {path} has unknown key(s) {', '.join(map(str, unknown))}: keys are the flags' names")
+        near = [nearest(str(key).replace("-", "_"), list(known)) for key in unknown]
+        hint = "; ".join(f"{key}: did you mean {n}?" for key, n in zip(unknown, near) if n) or "keys are the flags' names"
+        parser.error(f"config file {path} has unknown key(s) {', '.join(map(str, unknown))} ({hint})")
     for key, value in data.items():
         action = known[str(key).replace("-", "_")]
         if isinstance(value, str) and action.type is not None:
@@ -184,7 +220,10 @@ def parse_args(argv=None):
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_yaml(pre.config, parser))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.print_freq < 1:
+        parser.error(f"--print-freq {args.print_freq}: it must be 1 or more (iterations between progress lines)")
+    return args
 
 
 def distiller_overrides(args):
@@ -194,10 +233,14 @@ def distiller_overrides(args):
     return overrides
 
 
+def saved_args(args):
+    """The flags a run is trained with (what ``config.yaml`` and a checkpoint keep)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAVED}
+
+
 def save_config(args, path):
     """The effective configuration, loadable again with ``--config``."""
-    skip = {"config", "distributed", "rank", "gpu"}
-    data = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    data = saved_args(args)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         yaml.safe_dump(data, f, sort_keys=True)
