@@ -47,17 +47,24 @@ def torchrun(flags, nproc=2):
     return result
 
 
-def assert_same_state(a, b, path=""):
+def assert_same_state(a, b, path="", skip=()):
+    """Every entry equal: tensors (dtype, shape, values), and the scalars, strings and Nones
+    around them (scheduler last_epoch and lr, EMA n_averaged, scaler, RNG states, epoch, step)."""
+    if path in skip:
+        return
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
+            assert_same_state(a[key], b[key], f"{path}.{key}", skip)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
+            assert_same_state(x, y, f"{path}[{i}]", skip)
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 @pytest.mark.parametrize("recipe", ["baseline", "logits", "cakd"])
@@ -70,9 +77,7 @@ def test_torchrun_two_processes_and_exact_resume(recipe, data_dir, tmp_path):
     uninterrupted = torch.load(os.path.join(full, "model_1.pth"), weights_only=True)
     again = torch.load(os.path.join(resumed, "checkpoint.pth"), weights_only=True)
     assert uninterrupted["epoch"] == again["epoch"] == 1
-    keys = ["model", "projectors", "discriminator", "optimizer", "disc_optimizer", "lr_scheduler", "model_ema"]
-    for key in keys:
-        assert_same_state(uninterrupted[key], again[key], key)
+    assert_same_state(uninterrupted, again, skip={".args.output_dir"})  # every entry, the folder aside
     first = torch.load(os.path.join(full, "model_0.pth"), weights_only=True)
     assert any(not torch.equal(first["model"][k], uninterrupted["model"][k]) for k in first["model"])  # it trained
     assert len(again["rng"]) == 2  # one RNG state per rank
@@ -118,6 +123,10 @@ def test_resume_from_a_corrupt_or_missing_file(tmp_path, capsys, data_dir):
     corrupt.write_bytes(b"PK\x03\x04 truncated")
     code, err = run_main(small_flags("baseline", data_dir, str(tmp_path / "out")) + ["--resume", str(corrupt)], capsys)
     assert code == 1 and len(err) == 1 and "is corrupt or truncated" in err[0]
+    with pytest.raises(Exception) as reason:
+        torch.load(corrupt, weights_only=True)
+    first_line = str(reason.value).strip().splitlines()[0]
+    assert f"({type(reason.value).__name__}: {first_line}): it is corrupt" in err[0]  # torch's reason whole, not cut
     code, err = run_main(small_flags("baseline", data_dir, str(tmp_path / "out")) + ["--resume", str(tmp_path / "no.pth")], capsys)
     assert code == 1 and len(err) == 1 and "no.pth does not exist" in err[0]
 
@@ -138,33 +147,54 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, data_dir
     flags = small_flags("cakd", data_dir, out, epochs=3) + ["--resume", os.path.join(out, "checkpoint.pth"), "--feature-weight", "inf"]
     code, err = run_main(flags, capsys)
     assert code == 1 and len(err) == 1 and "non-finite loss in epoch 1" in err[0]
+    assert f"{out}/checkpoint.pth, from before this run, is kept" in err[0]
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
+    fresh = str(tmp_path / "fresh")
+    code, err = run_main(small_flags("cakd", data_dir, fresh, epochs=1) + ["--feature-weight", "inf"], capsys)
+    assert code == 1 and len(err) == 1 and "non-finite loss in epoch 0" in err[0] and "no checkpoint was written yet" in err[0]
+    assert not os.path.exists(os.path.join(fresh, "checkpoint.pth"))
 
 
-def test_sigterm_saves_and_resumes(tmp_path):
+def test_a_parameter_that_can_never_learn_is_refused_at_start(tmp_path, capsys, data_dir):
+    """use_cls and use_logits off: nothing reads the classifier, which DDP would fail on a step later."""
     out = str(tmp_path / "out")
-    flags = ["--recipe", "baseline", "--dataset", "synthetic", "--synthetic-size", "4000", "--num-classes", "5",
-             "--device", "cpu", "--model", "resnet18", "--train-crop-size", "32", "--val-crop-size", "32",
-             "--val-resize-size", "32", "--batch-size", "2", "--workers", "0", "--epochs", "1", "--print-freq", "1",
-             "--output-dir", out]
+    code, err = run_main(small_flags("cakd", data_dir, out, epochs=1) + ["--use-cls", "false", "--use-logits", "false"], capsys)
+    assert code == 1 and err == [
+        "error: with these loss switches student.fc.weight, student.fc.bias never get a gradient: turn on a loss term "
+        "that uses them (use_cls or use_logits for the classifier, use_token for the token projector)"
+    ]
+    assert not os.path.exists(os.path.join(out, "checkpoint.pth"))
+
+
+def test_sigterm_without_workers_resumes_exactly(data_dir, tmp_path):
+    """One process (no torchrun), --workers 0, SIGTERM to its process group mid-epoch: it saves and
+    exits 0, and the resumed run ends equal in every entry to an uninterrupted run with --workers 2
+    (each sample's augmentation and each batch's MixUp have their own seed, not a worker's RNG)."""
+    full, out = str(tmp_path / "full"), str(tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-m", "cakd.train", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=ROOT)
+    train = [sys.executable, "-m", "cakd.train"]
+    result = subprocess.run(train + small_flags("cakd", data_dir, full, epochs=1) + ["--workers", "2"], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    flags = small_flags("cakd", data_dir, out, epochs=1)
+    proc = subprocess.Popen(train + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    output = []
     for line in proc.stdout:
-        if "Epoch: [0] [" in line and "/2000]" in line and "[   3/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
-    assert "SIGTERM: saved epoch 0 step" in output
-    ckpt = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
-    assert ckpt["epoch"] == 0 and 4 <= ckpt["step"] < 2000
-    # resume continues from that step (few iterations left thanks to --iters-per-epoch)
-    resumed = subprocess.run([sys.executable, "-m", "cakd.train", *flags, "--resume", os.path.join(out, "checkpoint.pth"),
-                              "--iters-per-epoch", str(ckpt["step"] + 2)], capture_output=True, text=True, env=env, cwd=ROOT)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {out}/checkpoint.pth: epoch 0, step {ckpt['step']}" in resumed.stdout
-    assert torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"] is None
+        output.append(line)
+        if "Epoch: [0] [1/6]" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, "".join(output)[-3000:]
+    step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
+    assert 1 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in "".join(output)
+    resumed = subprocess.run(train + flags + ["--resume", os.path.join(out, "checkpoint.pth")], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in resumed.stdout
+    uninterrupted = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=True)
+    again = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    assert again["step"] is None
+    assert_same_state(uninterrupted, again, skip={".args.output_dir", ".args.workers"})
 
 
 def tensorboard_tags(folder):

@@ -18,6 +18,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from ..models import IMAGENET_MEAN, IMAGENET_STD
+from .seeds import SeededCollate, SeededDataset, SeededSampler
+from .signals import worker_init
 
 _LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
 
@@ -394,8 +396,10 @@ def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
 
     Every train sampler has ``set_epoch`` and an order that is a pure function of
     ``(args.seed, epoch)`` (a one-replica DistributedSampler when not distributed), so a
-    resumed run sees the same epochs. The loaders keep their default generator: worker seeds
-    come from torch's global RNG, which the trainer restores on resume.
+    resumed run sees the same epochs. The train loader draws each sample's augmentation and
+    each batch's MixUp/CutMix from seeds of (seed, epoch, rank, position) (``seeds.py``): its
+    ``sampler`` is the :class:`SeededSampler` around ``train_sampler`` (``set_epoch`` it, and its
+    ``start`` resumes mid-epoch). Loader workers outlive a SIGTERM (``signals.worker_init``).
     """
     if args.ra_sampler:
         train_sampler = RASampler(train_dataset, shuffle=True, seed=args.seed, repetitions=args.ra_reps)
@@ -410,16 +414,18 @@ def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
         collate_fn = MixupCutmixCollate(num_classes, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha)
 
     pin_memory = torch.cuda.is_available()
+    rank = getattr(train_sampler, "rank", 0)
     train_loader = DataLoader(
-        train_dataset,
+        SeededDataset(train_dataset),
         batch_size=args.batch_size,
-        sampler=train_sampler,
+        sampler=SeededSampler(train_sampler, seed=args.seed, rank=rank),
         num_workers=args.workers,
         pin_memory=pin_memory,
-        collate_fn=collate_fn,
+        collate_fn=SeededCollate(collate_fn),
         drop_last=False,
         persistent_workers=False,
-        worker_init_fn=None,
+        worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds: not from the trainer's RNG
     )
     val_loader = DataLoader(
         val_dataset,
@@ -427,5 +433,7 @@ def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
         sampler=val_sampler,
         num_workers=args.workers,
         pin_memory=pin_memory,
+        worker_init_fn=worker_init,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     return train_loader, val_loader, train_sampler

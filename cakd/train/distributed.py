@@ -1,4 +1,5 @@
 """torchrun environment, rank helpers and the few collectives the trainer needs."""
+import datetime
 import os
 
 import torch
@@ -28,8 +29,25 @@ def init_distributed_mode(args):
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if cuda else "gloo"
     kwargs = {"device_id": torch.device(args.device)} if cuda else {}  # NCCL then knows its GPU
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank, **kwargs)
+    store = attempt_store() if args.dist_url == "env://" else None
+    kwargs.update({"store": store} if store is not None else {"init_method": args.dist_url})
+    dist.init_process_group(backend=backend, world_size=args.world_size, rank=args.rank, **kwargs)
     dist.barrier()
+
+
+def attempt_store():
+    """torchrun's store with a prefix per attempt, or None outside torchrun.
+
+    Under ``--max-restarts`` torchrun's static rendezvous keeps one store for every attempt, and
+    ``env://`` does not prefix its keys: a restarted rank could read the address (gloo) or id
+    (NCCL) a dead rank of the previous attempt left there, and wait for it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=datetime.timedelta(minutes=30)
+    )
+    return dist.PrefixStore(f"cakd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_dist():

@@ -7,7 +7,6 @@ EMA update every ``model_ema_steps`` iterations (reset to a copy during LR warmu
 import contextlib
 import itertools
 import math
-import signal
 import time
 
 import torch
@@ -15,24 +14,11 @@ from torch import nn
 
 from .distributed import any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
+from .signals import StopRequest, sigterm_held  # noqa: F401  (StopRequest: imported from here too)
 
 
 class TrainingError(Exception):
     """A run that cannot go on (a non-finite loss); the message says what to do."""
-
-
-class StopRequest:
-    """Set by SIGTERM; the loop saves a checkpoint and exits at the next agreed iteration."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        signal.signal(signal.SIGTERM, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        self.requested = True
 
 
 def autocast(amp_dtype, device_type):
@@ -92,12 +78,32 @@ def training_step(
     return losses
 
 
+def unlearned_parameters(distiller, image_size, device, memory_format=torch.contiguous_format):
+    """Names of the trainable parameters that a training forward and backward leaves without a
+    gradient (loss switches that use none of their outputs). Leaves no trace: RNG states and
+    BatchNorm statistics are restored and the gradients dropped."""
+    modules = [m for m in (distiller.trainable, distiller.discriminator) if m is not None]
+    buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        images = torch.randn(2, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+        distiller.train()
+        distiller(images, torch.zeros(2, dtype=torch.long, device=device))["total"].backward()
+    names = [name for name, p in distiller.trainable.named_parameters() if p.requires_grad and p.grad is None]
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    return names
+
+
 def train_one_epoch(run, epoch, start_step=0):
     """Train ``run`` (a :class:`cakd.train.Run`) for one epoch from ``start_step``.
 
     Returns ``(next_step, averages)``: the next step to run if a stop was requested (else
     None), and the epoch's loss and accuracy averages over all ranks. Loss values are read
-    back from the device only every ``print_freq`` iterations.
+    back from the device only every ``print_freq`` iterations; a stop requested in the last
+    one lets the epoch end (the trainer saves it and stops there).
     """
     args, distiller, device = run.args, run.distiller, run.device
     distiller.train()
@@ -110,9 +116,10 @@ def train_one_epoch(run, epoch, start_step=0):
         total = min(total, args.iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     header = f"Epoch: [{epoch}]"
-    batches = itertools.islice(run.train_loader, total - start_step)
+    with sigterm_held():  # the workers start here
+        batches = itertools.islice(run.train_loader, total - start_step)
+    window_images, window_start = 0, time.time()
     for i, (images, targets) in logger.log_every(batches, args.print_freq, header, total=total, start=start_step):
-        start_time = time.time()
         images = images.to(device, non_blocking=True, memory_format=run.memory_format)
         targets = targets.to(device, non_blocking=True)
         step_count = epoch * total + i  # global iteration: the same after a resume
@@ -139,22 +146,27 @@ def train_one_epoch(run, epoch, start_step=0):
         acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
         logger.update(n=images.shape[0], acc1=acc1, acc5=acc5)
         logger.meters["lr"].update(run.optimizer.param_groups[0]["lr"])
-        logger.meters["img/s"].update(images.shape[0] / (time.time() - start_time))
+        window_images += images.shape[0]
 
         last = i == total - 1
         if i % args.print_freq == 0 or last:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the steps queued so far are done: img/s is true
+            now = time.time()
+            logger.meters["img/s"].update(window_images / max(now - window_start, 1e-9))
+            window_images, window_start = 0, now
             if any_rank(bool(nonfinite.item()), device):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in detached.items())
                 raise TrainingError(
-                    f"non-finite loss in epoch {epoch} by iteration {i} ({values}); the last good checkpoint "
-                    f"is kept in {args.output_dir or '(no output dir)'}: lower --lr, set --clip-grad-norm, or check the data"
+                    f"non-finite loss in epoch {epoch} by iteration {i} ({values}); {run.checkpoint_kept()}: "
+                    "lower --lr, set --clip-grad-norm, or check the data"
                 )
             scalars = {name: logger.meters[name].avg for name in logger.meters if name.startswith("loss")}
             scalars.update({"lambda": lam, "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
             if run.disc_optimizer is not None:
                 scalars["disc_lr"] = run.disc_optimizer.param_groups[0]["lr"]
             run.tensorboard.scalars(scalars, step_count, prefix="train/")
-            if any_rank(run.stop.requested, device):
+            if not last and any_rank(run.stop.requested, device):
                 return i + 1, {}
     names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
     return None, logger.global_averages(names, device)
@@ -167,7 +179,9 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
     model.eval()
     accuracy = Accuracy(device)
     logger = MetricLogger()
-    for _, (images, targets) in logger.log_every(loader, print_freq, header):
+    with sigterm_held():
+        batches = iter(loader)
+    for _, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast(amp_dtype, device.type):

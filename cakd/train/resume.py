@@ -41,7 +41,7 @@ def load_checkpoint(path, training=True):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, wrong format
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""  # whole: a cut word misleads
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}): it is corrupt or truncated; "
             "resume from an earlier model_<epoch>.pth in the same folder"

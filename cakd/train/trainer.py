@@ -7,7 +7,9 @@ import datetime
 import json
 import os
 import random
+import signal
 import sys
+import textwrap
 import time
 import warnings
 
@@ -18,42 +20,13 @@ from . import distributed as dist_utils
 from ..checkpoint import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
 from ..models import build_student, build_teacher
-from .config import disc_lr_factor, distiller_overrides, parse_args, save_config
+from .config import disc_lr_factor, distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
-from .engine import StopRequest, TrainingError, evaluate, train_one_epoch
-from .errors import UserError, one_line, print_error
+from .engine import StopRequest, TrainingError, evaluate, train_one_epoch, unlearned_parameters
+from .errors import UserError, first_to_report, one_line, print_error
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
 from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
-
-
-class SkipSampler(torch.utils.data.Sampler):
-    """The first ``skip`` indices of an epoch left out: resuming mid-epoch after SIGTERM."""
-
-    def __init__(self, sampler, skip):
-        self.sampler, self.skip = sampler, skip
-
-    def __iter__(self):
-        for position, index in enumerate(self.sampler):
-            if position >= self.skip:
-                yield index
-
-    def __len__(self):
-        return max(len(self.sampler) - self.skip, 0)
-
-
-def skip_batches(loader, batches):
-    if batches == 0:
-        return loader
-    return torch.utils.data.DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=SkipSampler(loader.sampler, batches * loader.batch_size),
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last,
-    )
 
 
 class Run:
@@ -64,6 +37,7 @@ class Run:
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.stop = StopRequest()
+        self.saved = None  # (epoch, step) of the checkpoint this run wrote last
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
         train_set, val_set, num_classes = build_datasets(args)
@@ -86,6 +60,8 @@ class Run:
             distiller.trainable.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.trainable.student)
         distiller.to(self.device, memory_format=self.memory_format)
         self.distiller = distiller
+        if not args.test_only:
+            self._check_every_parameter_learns()
 
         groups = parameter_groups(
             distiller.trainable,
@@ -127,6 +103,17 @@ class Run:
         random.seed(args.seed + args.rank)
         np.random.seed(args.seed + args.rank)
 
+    def _check_every_parameter_learns(self):
+        """Refuse loss switches that leave a trainable parameter without a gradient: DDP would
+        fail a step later, and a single process would train a student with a random part."""
+        names = unlearned_parameters(self.distiller, self.args.train_crop_size, self.device, self.memory_format)
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            raise UserError(
+                f"with these loss switches {shown} never get a gradient: turn on a loss term that uses them "
+                "(use_cls or use_logits for the classifier, use_token for the token projector)"
+            )
+
     def _teacher(self, num_classes):
         args = self.args
         weights = None if str(args.teacher_weights).lower() in ("none", "") else args.teacher_weights
@@ -159,7 +146,7 @@ class Run:
             "model_ema": optional(self.ema),
             "epoch": epoch,
             "step": step,
-            "args": {k: v for k, v in vars(self.args).items()},
+            "args": saved_args(self.args),
             "rng": dist_utils.all_gather_object(capture_rng_state()),
         }
 
@@ -169,6 +156,17 @@ class Run:
             save_atomic(state, os.path.join(self.args.output_dir, "checkpoint.pth"))
             if step is None and ((epoch + 1) % self.args.checkpoint_freq == 0 or epoch + 1 == self.args.epochs):
                 save_atomic(state, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+        self.saved = (epoch, step)
+
+    def checkpoint_kept(self):
+        """Which checkpoint a run that stops now leaves behind, in words."""
+        path = os.path.join(self.args.output_dir, "checkpoint.pth") if self.args.output_dir else None
+        if path is None or not os.path.isfile(path):
+            return "no checkpoint was written yet" + ("" if path else " (no --output-dir)")
+        if self.saved is None:
+            return f"{path}, from before this run, is kept"
+        epoch, step = self.saved
+        return f"{path} (epoch {epoch}{'' if step is None else f', step {step}'}) is kept"
 
     def restore(self, path):
         """Load a checkpoint; returns (first epoch, first step) to run."""
@@ -184,8 +182,8 @@ class Run:
             self._load_states(ckpt, path)
         except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of other flags
             raise UserError(
-                f"{path} does not fit this run ({one_line(error)[:160]}): resume with the flags it was "
-                "trained with (its config.yaml)"
+                f"{path} does not fit this run ({textwrap.shorten(one_line(error), 300, placeholder=' ...')}): "
+                "resume with the flags it was trained with (its config.yaml)"
             ) from None
         if self.args.test_only:
             return ckpt["epoch"], 0
@@ -252,9 +250,17 @@ def amp_dtype(args):
 
 
 def train(args):
+    stop = StopRequest()
+    if args.test_only:  # nothing to save: SIGTERM just ends it (a handler, so the launcher passes it on)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    else:
+        stop.install()  # first: from now on a SIGTERM saves
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
     dist_utils.init_distributed_mode(args)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts:
+        print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         if dist_utils.is_main_process():
@@ -266,7 +272,9 @@ def train(args):
     else:
         torch.backends.cudnn.benchmark = True
 
+    args.resume = resume_path(args)
     run = Run(args)
+    run.stop = stop
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
@@ -281,21 +289,20 @@ def train(args):
         torch.backends.cudnn.deterministic = True
         return run.evaluate()
 
-    run.stop.install()
     print_main("Start training")
     start_time = time.time()
     results = {}
+    sampler = run.train_loader.sampler  # seeds.SeededSampler
     for epoch in range(start_epoch, args.epochs):
-        run.train_sampler.set_epoch(epoch)
-        loader = run.train_loader
-        run.train_loader = skip_batches(loader, start_step)
+        sampler.set_epoch(epoch)
+        sampler.start = start_step * args.batch_size  # a mid-epoch resume: what was trained is left out
         next_step, train_stats = train_one_epoch(run, epoch, start_step)
-        run.train_loader = loader
+        sampler.start = start_step = 0
         if next_step is not None:
             run.save(epoch, step=next_step)
             print_main(f"SIGTERM: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
+            run.tensorboard.close()
             return results
-        start_step = 0
         run.lr_scheduler.step()
         if run.disc_lr_scheduler is not None:
             run.disc_lr_scheduler.step()
@@ -308,9 +315,27 @@ def train(args):
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
         run.save(epoch)
+        if epoch + 1 < args.epochs and dist_utils.any_rank(run.stop.requested, run.device):
+            print_main(f"SIGTERM: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
+            run.tensorboard.close()
+            return results
     print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     run.tensorboard.close()
     return results
+
+
+def resume_path(args):
+    """``--resume auto``: OUTPUT_DIR/checkpoint.pth when rank 0 sees it, else a fresh start."""
+    if args.resume != "auto":
+        return args.resume
+    path = os.path.join(args.output_dir or ".", "checkpoint.pth")
+    found = dist_utils.all_gather_object(os.path.isfile(path))[0]  # every rank takes rank 0's answer
+    if found:
+        return path
+    if args.test_only:
+        raise UserError(f"--resume auto: there is no {path} to evaluate")
+    print_main(f"--resume auto: no {path} yet, starting fresh")
+    return ""
 
 
 def _student_weights(path):
@@ -339,8 +364,25 @@ def main(argv=None):
     except (UserError, DataError, TrainingError) as error:
         print_error(error, args)
         return 1
+    except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
+        if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
+            raise
+        if not first_to_report():  # a peer failed first and said why; this is the echo
+            return 1
+        if lost_a_peer(error):
+            print(f"error: another process of this run is gone ({one_line(error)})", file=sys.stderr, flush=True)
+            return 1
+        raise
     finally:
         dist_utils.cleanup()
+
+
+def lost_a_peer(error):
+    """Whether ``error`` is a collective failing because another rank left (gloo, NCCL, the store)."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        needle in text for needle in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL")
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""``python -m cakd.train.launch [torchrun flags] -m cakd.train [flags]``: torchrun that survives SIGTERM.
+
+torchrun turns a SIGTERM into an exception: it signals its workers, waits a grace period, kills
+them and exits 1 with a traceback. Here torchrun is told to leave SIGTERM alone
+(``--signals-to-handle``); the launcher forwards it to its workers (the ranks), which finish their
+step, save and exit 0, so torchrun sees a successful run and the launcher exits 0. A rank that is
+still starting gets it once its handler is in place, not before (it would die of it).
+
+When a rank fails it has printed the run's one ``error:`` line (``cakd.train.errors``); the
+launcher exits with that rank's status, without torchrun's traceback and log lines.
+"""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from .signals import STOP_ENV
+
+# what torchrun still handles itself (it kills its workers on these); SIGTERM is the launcher's
+TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
+def children(pid):
+    """Process ids of ``pid``'s children (Linux /proc; ``pgrep`` elsewhere)."""
+    task_dir = f"/proc/{pid}/task"
+    if not os.path.isdir(task_dir):
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+    found = []
+    for tid in os.listdir(task_dir):
+        try:
+            with open(os.path.join(task_dir, tid, "children")) as f:
+                found += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return found
+
+
+def catches_sigterm(pid):
+    """Whether process ``pid`` has its SIGTERM handler in place (Linux: SigCgt in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return not os.path.isdir("/proc")  # elsewhere: no way to tell, pass it on at once
+
+
+def forward_sigterm():
+    """Pass SIGTERM on to each rank once it can take it: a rank still importing would die of it
+    (and torchrun restart it). Ranks started from now on (a restart) see ``STOP_ENV``."""
+    done = set()
+    while True:
+        for child in children(os.getpid()):
+            if child not in done and catches_sigterm(child):
+                try:
+                    os.kill(child, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                done.add(child)
+        time.sleep(0.2)
+
+
+def on_sigterm(signum, frame):
+    if os.environ.get(STOP_ENV) != "1":
+        os.environ[STOP_ENV] = "1"
+        threading.Thread(target=forward_sigterm, name="sigterm", daemon=True).start()
+
+
+def exit_code(error):
+    """The status to exit with: a rank that exited with one (it said why) before a rank killed
+    by a signal, and SIGTERM last (torchrun sends it to the others after the first failure)."""
+
+    def order(item):
+        rank, failure = item
+        code = failure.exitcode
+        return (0 if code > 0 else 1 if code != -signal.SIGTERM else 2, failure.timestamp, rank)
+
+    failures = sorted(error.failures.items(), key=order)
+    code = failures[0][1].exitcode if failures else 1
+    return 128 - code if code < 0 else (code or 1)
+
+
+def torchrun_lets_go_of_sigterm():
+    return any("--signals-to-handle" in action.option_strings for action in torchrun.get_args_parser()._actions)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if torchrun_lets_go_of_sigterm():
+        argv = ["--signals-to-handle", TORCHRUN_SIGNALS, *argv]
+        signal.signal(signal.SIGTERM, on_sigterm)
+    else:
+        print(
+            "warning: this torch's torchrun has no --signals-to-handle: on SIGTERM it kills the ranks after its "
+            "grace period and exits 1 (a torch whose torchrun has that flag saves and exits 0)",
+            file=sys.stderr,
+        )
+    logging.disable(logging.ERROR)  # torchrun's failure reports would bury the rank's error line
+    try:
+        torchrun.main(argv)
+    except ChildFailedError as error:
+        return exit_code(error)
+    except SignalException as error:  # SIGINT, SIGHUP, SIGQUIT: torchrun has stopped the ranks
+        return 128 + int(error.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
