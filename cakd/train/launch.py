@@ -101,8 +101,8 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, on_sigterm)
     else:
         print(
-            "warning: this torch's torchrun has no --signals-to-handle: on SIGTERM it kills the ranks after its "
-            "grace period and exits 1 (a torch whose torchrun has that flag saves and exits 0)",
+            "warning: this torch's torchrun has no --signals-to-handle: on SIGTERM it signals the ranks itself and "
+            "kills those not done within its grace period, and the launcher exits 143",
             file=sys.stderr,
         )
     logging.disable(logging.ERROR)  # torchrun's failure reports would bury the rank's error line
