@@ -28,17 +28,18 @@ TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def children(pid):
-    """Process ids of ``pid``'s children (Linux /proc; ``pgrep`` elsewhere)."""
-    task_dir = f"/proc/{pid}/task"
-    if not os.path.isdir(task_dir):
+    """Process ids of ``pid``'s children (Linux: the parent field of /proc/*/stat; ``pgrep`` elsewhere)."""
+    if not os.path.isdir("/proc"):
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         return [int(p) for p in out.split()]
     found = []
-    for tid in os.listdir(task_dir):
+    for entry in os.listdir("/proc"):
         try:
-            with open(os.path.join(task_dir, tid, "children")) as f:
-                found += [int(p) for p in f.read().split()]
-        except OSError:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (command)": state, parent, ...
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+        except (OSError, ValueError, IndexError):
             pass
     return found
 

@@ -358,6 +358,7 @@ def _drop_metrics_from(path, epoch):
 
 def main(argv=None):
     args = parse_args(argv)
+    sigterm = signal.getsignal(signal.SIGTERM)  # train() takes SIGTERM over; give it back after
     try:
         train(args)
         return 0
@@ -375,6 +376,7 @@ def main(argv=None):
         raise
     finally:
         dist_utils.cleanup()
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def lost_a_peer(error):
