@@ -24,15 +24,14 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from cakd.distillers import build_distiller  # noqa: E402
+from cakd.models import num_classes_of  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
-    build_eval_teacher,
     build_val_dataset,
     check_class_count,
-    load_student,
     pick,
+    rebuild_distiller,
     run_and_report,
 )
 
@@ -40,7 +39,6 @@ from cakd.train.tools import (  # noqa: E402
 MAP_RAMP = [(0.0, (13, 8, 135)), (0.35, (156, 23, 158)), (0.65, (237, 121, 83)), (1.0, (240, 249, 33))]
 DIFF_RAMP = [(0.0, (0, 0, 0)), (0.4, (170, 20, 20)), (0.75, (250, 170, 30)), (1.0, (255, 255, 230))]
 BACKGROUND = 255
-ARCHITECTURE_KEYS = ("pca_heads", "pca_head_dim", "gl_window", "gl_batched")
 
 
 def get_args_parser():
@@ -55,7 +53,6 @@ def get_args_parser():
     p.add_argument("--teacher-weights", default=None, help="IMAGENET1K_V1, a .pth, or none (default: the run's)")
     p.add_argument("--model", "--student", dest="model", default=None, help="student architecture (default: the run's)")
     p.add_argument("--val-resize-size", default=None, type=int, help="eval resize (default: the run's)")
-    p.add_argument("--val-crop-size", default=None, type=int, help="eval center crop (default: the run's)")
     p.add_argument(
         "--batch-stats",
         action="store_true",
@@ -118,52 +115,33 @@ def write_png(image, path):
         torchvision.io.write_png(image, path)
 
 
-def build_cakd_distiller(checkpoint, projectors, args, crop, num_classes):
-    """Student, projectors and teacher as the trainer built them, weights from the checkpoint."""
-    student = load_student(checkpoint, "student", args.model)
-    name, weights = pick(checkpoint, "teacher", args.teacher), pick(checkpoint, "teacher_weights", args.teacher_weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        teacher = build_eval_teacher(
-            name, weights, crop, num_classes, seed=pick(checkpoint, "seed"), student=pick(checkpoint, "model", args.model)
-        )
-    overrides = {key: checkpoint.args[key] for key in ARCHITECTURE_KEYS if checkpoint.args.get(key) is not None}
-    try:
-        distiller = build_distiller("cakd", student, teacher, **overrides)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    state = {**{"student." + k: v for k, v in student.state_dict().items()}, **projectors}
-    try:
-        distiller.trainable.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        detail = str(error).splitlines()[1].strip()[:160]
-        raise UserError(f"{checkpoint.path}: its projectors do not fit this student and teacher ({detail})") from None
-    return distiller.eval(), f"{name} ({weights})"
-
-
 @torch.no_grad()
 def run(args):
     if args.num_images < 1:
         raise UserError("--num-images must be at least 1")
     checkpoint = SourceCheckpoint(args.checkpoint)
-    projectors = checkpoint.projector_state()  # a clear error for a baseline/logits run or an export
-    crop = pick(checkpoint, "val_crop_size", args.val_crop_size)
+    if checkpoint.kind == "student":
+        raise UserError(f"{args.checkpoint} is a plain student state dict: it holds no projectors, so no attention map to draw")
+    if checkpoint.recipe() != "cakd":
+        raise UserError(f"{args.checkpoint} was trained with the {checkpoint.recipe()} recipe: it has no attention projector, so no map to draw")
+    distiller, teacher = rebuild_distiller(checkpoint, model=args.model, teacher=args.teacher, teacher_weights=args.teacher_weights)
+    if distiller.trainable.pca_proj is None:
+        raise UserError(f"{args.checkpoint} was trained without the attention projector (use_pca: false): no map to draw")
+    crop = pick(checkpoint, "train_crop_size")  # the distiller's grid
     dataset = build_val_dataset(
         pick(checkpoint, "data_path", args.data_path),
         pick(checkpoint, "val_resize_size", args.val_resize_size),
         crop,
         pick(checkpoint, "interpolation"),
     )
-    distiller, teacher = build_cakd_distiller(checkpoint, projectors, args, crop, len(dataset.classes))
-    check_class_count(distiller.student.fc.out_features, dataset, args.checkpoint)
+    check_class_count(num_classes_of(distiller.student), dataset, args.checkpoint)
     device = torch.device(args.device)
     distiller.to(device)
 
     count = min(args.num_images, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)]).to(device)
-    teacher_maps = distiller.run_teacher(images)["attn_qk"].float().cpu()
     distiller.trainable.train(args.batch_stats)  # running statistics are not saved: no harm done
-    student_maps = distiller.trainable(images)["attn_qk"].float().cpu()
+    teacher_maps, student_maps = (maps.float().cpu() for maps in distiller.attention_maps(images))
     distiller.close()
     tokens = teacher_maps.shape[-1]
     cell = args.cell or tokens * -(-160 // tokens)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
 
+from cakd.models import no_weights, num_classes_of  # noqa: E402
 from cakd.train import distributed as dist_utils  # noqa: E402
 from cakd.train.data import ShardSampler  # noqa: E402
 from cakd.train.engine import evaluate  # noqa: E402
@@ -76,7 +77,7 @@ def build_model(args, checkpoint, dataset, crop):
     if args.which == "teacher":
         name = pick(checkpoint, "teacher", args.teacher)
         weights = pick(checkpoint, "teacher_weights", args.teacher_weights)
-        if str(weights).lower() in ("none", ""):
+        if no_weights(weights):
             print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -85,7 +86,7 @@ def build_model(args, checkpoint, dataset, crop):
             teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)
         return teacher, f"teacher {name} ({weights})"
     student = load_student(checkpoint, args.which, args.model)
-    check_class_count(student.fc.out_features, dataset, f"{checkpoint.path} ({args.which})")
+    check_class_count(num_classes_of(student), dataset, f"{checkpoint.path} ({args.which})")
     return student, f"{args.which} of {checkpoint.path} ({checkpoint.kind} checkpoint)"
 
 

@@ -1,12 +1,14 @@
-"""A markdown table of run directories' top-1/top-5 next to the seed README's numbers for the
-same recipe, and optionally a PNG of top-1 per epoch.
+"""A markdown table of run directories' top-1/top-5 next to the published numbers of the same
+dataset, recipe, student and teacher (the released code's README, the paper's Tables 1-3), and
+optionally a PNG of top-1 per epoch.
 
     python scripts/summarize.py runs/baseline runs/logits runs/cakd [--plot top1.png]
 
 Each run is read from ``metrics.jsonl`` or, when that is missing, from its TensorBoard scalars
 (``val/acc1``, ``val/acc5``, ``val/ema_acc1``, ``val/ema_acc5``); an epoch logged twice (a run
 resumed from an earlier checkpoint) counts once, with its last value. The recipe and length
-come from the run's ``config.yaml``. "best" is the maximum over epochs of each column on its
+come from the run's ``config.yaml`` (student and teacher default to the recipes' ResNet-50 and
+ViT-B/16, the dataset to ImageNet). "best" is the maximum over epochs of each column on its
 own; "final" is the last evaluated epoch's.
 """
 import argparse
@@ -23,7 +25,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 import yaml  # noqa: E402
 
-from cakd.train.tools import PUBLISHED, PUBLISHED_SOURCE, UserError, run_and_report  # noqa: E402
+from cakd.train.published import published  # noqa: E402
+from cakd.train.tools import DEFAULTS, UserError, run_and_report  # noqa: E402
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 # line colours of the plot, with the names printed beside the run directories
@@ -108,8 +111,9 @@ def read_run(run_dir):
         "source": source,
         "recipe": config.get("recipe"),
         "epochs": config.get("epochs"),
-        "model": config.get("model"),
-        "teacher": config.get("teacher"),
+        "model": config.get("model", DEFAULTS["model"]),
+        "teacher": config.get("teacher", DEFAULTS["teacher"]),
+        "dataset": config.get("dataset"),
         "by_epoch": dict(sorted(by_epoch.items())),
     }
 
@@ -129,18 +133,19 @@ def number(value):
 
 
 def table(runs):
-    header = ["run", "recipe", "epochs", "top-1 best / final", "top-5 best / final", "EMA top-1 best / final",
-              "EMA top-5 best / final", "published top-1 / top-5"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 5) + "|"]
+    header = ["run", "recipe", "student <- teacher", "epochs", "top-1 best / final", "top-5 best / final",
+              "EMA top-1 best / final", "EMA top-5 best / final", "published top-1 / top-5"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 5) + "|"]
     for run in runs:
         done = len(run["by_epoch"])
         epochs = f"{done}/{run['epochs']}" if run["epochs"] else str(done)
-        cells = [run["name"], run["recipe"] or "?", epochs]
+        pair = run["model"] if run["recipe"] == "baseline" else f"{run['model']} <- {run['teacher']}"
+        cells = [run["name"], run["recipe"] or "?", pair, epochs]
         for metric in METRICS:
             best, final = best_and_final(run, metric)
             cells.append("–" if best is None else f"{number(best)} / {number(final)}")
-        published = PUBLISHED.get(run["recipe"])
-        cells.append(f"{published[0]:.2f} / {published[1]:.2f}" if published else "–")
+        numbers = published(run["dataset"], run["recipe"], run["model"], run["teacher"])
+        cells.append("; ".join(f"{source} {number(top1)} / {number(top5)}" for source, top1, top5 in numbers) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -253,7 +258,8 @@ def run(args):
     size = parse_size(args.plot_size) if args.plot else None
     runs = [read_run(run_dir) for run_dir in args.runs]
     print(table(runs))
-    print(f"\npublished: {PUBLISHED_SOURCE} (a run with another student, data or length is not comparable)")
+    print("\npublished: the released code's README (ImageNet val, the released recipes) and the paper's Tables 1-3, "
+          "for the run's dataset, recipe, student and teacher (a run of another length is not comparable)")
     if args.plot:
         image, description = plot(runs, *size)
         write_png(image, args.plot)

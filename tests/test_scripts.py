@@ -32,7 +32,7 @@ def load_script(name):
     return module
 
 
-SCRIPTS = {name: load_script(name) for name in ("evaluate", "export", "attention_maps", "summarize")}
+SCRIPTS = {name: load_script(name) for name in ("evaluate", "export", "attention_maps", "summarize", "transferability")}
 
 
 def call(name, argv, capsys):
@@ -85,7 +85,7 @@ def released_checkpoint(trained, path):
         return state
 
     ema = {k[len("module."):]: v for k, v in ckpt["model_ema"].items() if k != "n_averaged"}
-    args = argparse.Namespace(model="resnet18", val_resize_size=64, val_crop_size=64, batch_size=4, data_path=trained.data,
+    args = argparse.Namespace(model="resnet18", train_crop_size=64, val_resize_size=64, val_crop_size=64, batch_size=4, data_path=trained.data,
                               interpolation="bilinear", teacher="vit_b_16", teacher_weights="none", seed=0)
     model_ema = {"n_averaged": ckpt["model_ema"]["n_averaged"], **{"module." + k: v for k, v in released(ema).items()}}
     torch.save({"model": released(ckpt["model"]), "model_ema": model_ema, "optimizer": {}, "lr_scheduler": {},
@@ -234,6 +234,44 @@ def test_attention_maps_png(trained, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
+# transferability.py
+# ----------------------------------------------------------------------------------------------
+def test_transferability_matches_a_plain_recomputation(trained, tmp_path, capsys):
+    """Figure 3(b) on the tiny run, against the hook-free reference: the run's random teacher
+    drawn again from its seed, layer3 tokens of the trained student, the group-wise projector
+    applied per group, a least-squares map fitted with torch.linalg.lstsq."""
+    from reference_impl import group_projector, student_forward, teacher_forward
+
+    from cakd.train.data import ClassificationPresetEval
+
+    numbers = tmp_path / "transfer.json"
+    code, out, err = call("transferability", ["--checkpoint", trained.checkpoint, "--workers", 0, "--json", numbers], capsys)
+    assert code == 0, err
+    got = json.loads(numbers.read_text())
+    assert got["images"] == VAL_IMAGES and got["tokens"] == VAL_IMAGES * 16 and "mean cosine" in out
+
+    ckpt = torch.load(trained.checkpoint, weights_only=True)
+    torch.manual_seed(0)  # the trainer's order: student, then the random teacher
+    student = torchvision.models.resnet18(num_classes=7)
+    teacher = torchvision.models.vit_b_16(image_size=64, num_classes=7).eval()
+    student.load_state_dict(ckpt["model"])
+    student.eval()
+    val = torchvision.datasets.ImageFolder(os.path.join(trained.data, "val"), transform=ClassificationPresetEval(64, 64))
+    images = torch.stack([image for image, _ in val])
+    with torch.no_grad():
+        f_t = teacher_forward(teacher, images)["f_T"].flatten(0, 1).double()
+        tokens = student_forward(student, images, 4)[0].flatten(2).transpose(1, 2)
+        projectors = ckpt["projectors"]
+        h_s = group_projector(tokens, list(projectors["gl_proj.weight"]), list(projectors["gl_proj.bias"]), 4, 4)
+    x = torch.cat([tokens.flatten(0, 1), torch.ones(len(f_t), 1)], dim=1).double()
+    direct = x @ torch.linalg.lstsq(x, f_t).solution
+    cosine = torch.nn.functional.cosine_similarity
+    assert got["cakd"] == pytest.approx(cosine(h_s.flatten(0, 1).double(), f_t, dim=-1).mean().item(), abs=1e-4)
+    assert got["direct_mapping"] == pytest.approx(cosine(direct, f_t, dim=-1).mean().item(), abs=1e-4)
+    assert got["direct_mapping"] > got["cakd"]  # 336 tokens, 257 inputs: a map fitted on them is close to exact
+
+
+# ----------------------------------------------------------------------------------------------
 # summarize.py
 # ----------------------------------------------------------------------------------------------
 def synthesized_run(folder, recipe, epochs, records):
@@ -268,13 +306,15 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys):
     code, out, err = call("summarize", [baseline, logits, trained.out, "--plot", png, "--plot-size", "500x300"], capsys)
     assert code == 0, err
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert rows[baseline].split(" | ")[1:] == ["baseline", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–", "73.82 / 91.97 |"]
-    assert rows[logits].split(" | ")[1:] == ["logits", "2/120", "35.50 / 35.50", "66.25 / 66.25", "30.50 / 30.50",
-                                             "60.00 / 60.00", "74.48 / 92.29 |"]
+    assert rows[baseline].split(" | ")[1:] == ["baseline", "resnet50", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–",
+                                               "released README 73.82 / 91.97; paper 76.28 / 93.03 |"]
+    assert rows[logits].split(" | ")[1:] == ["logits", "resnet50 <- vit_b_16", "2/120", "35.50 / 35.50", "66.25 / 66.25",
+                                             "30.50 / 30.50", "60.00 / 60.00",
+                                             "released README 74.48 / 92.29; paper 77.02 / 93.40 |"]
     r = trained.record
     cells = rows[trained.out].split(" | ")[1:]
-    assert cells[:3] == ["cakd", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
-    assert cells[4] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "76.21 / 93.09 |"
+    assert cells[:4] == ["cakd", "resnet18 <- vit_b_16", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
+    assert cells[5] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "paper 71.73 / 90.41 |"  # Table 3
     image = decode_png(png)
     assert tuple(image.shape) == (3, 300, 500) and (image != 255).any()
     assert "1. " + baseline + ": blue" in out and "3. " + trained.out + ": green" in out

@@ -78,6 +78,8 @@ def build_scheduler(
     elif name == "multisteplr":
         main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     elif name == "cosineannealinglr":
+        if epochs <= warmup_epochs:
+            raise ValueError(f"the cosine schedule needs more epochs ({epochs}) than warmup epochs ({warmup_epochs})")
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs, eta_min=lr_min)
     elif name == "exponentiallr":
         main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
