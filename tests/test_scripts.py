@@ -214,6 +214,30 @@ def test_export_round_trips_with_identical_logits(trained, tmp_path, capsys):
     assert set(os.listdir(tmp_path)) == {"student.pth", "ema.pth"}  # no temporary file left behind
 
 
+@pytest.mark.parametrize("breakage", ["key dropped", "tensor altered"])
+def test_export_check_refuses_a_broken_export(trained, tmp_path, capsys, monkeypatch, breakage):
+    """The check compares the export with the checkpoint's distiller (or the trainer's EMA
+    wrapper), not with the export itself: a broken export is refused and nothing is written."""
+    export = SCRIPTS["export"]
+    good = export.exported_state
+
+    def broken(checkpoint, which):
+        state = good(checkpoint, which)
+        if breakage == "key dropped":
+            del state["layer3.0.bn1.running_var"]
+        else:
+            state["layer3.0.bn1.running_var"] = state["layer3.0.bn1.running_var"] * 1.01
+        return state
+
+    monkeypatch.setattr(export, "exported_state", broken)
+    message = "does not load into torchvision.models.resnet18" if breakage == "key dropped" else "gives other logits"
+    for which in ("student", "ema"):
+        path = tmp_path / f"{which}.pth"
+        code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", which, "--output", path], capsys)
+        assert code == 1 and len(err) == 1 and message in err[0], (which, err)
+        assert not path.exists()
+
+
 def test_export_command_line_error_is_one_line(tmp_path):
     """Run as ``python scripts/export.py``: bad input is one ``error:`` line and status 1."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--checkpoint",
