@@ -160,8 +160,8 @@ class MultiViewGenerator(nn.Module):
         :func:`view_seed` ``(seed, name, indices[i])``: the same view of an image whatever
         batch or process it is in; torch's global generator is left alone."""
         shape = (1,) + tuple(images.shape[1:])
-        drawn = [self.draw(name, shape, images.device, torch.Generator().manual_seed(view_seed(seed, name, i))) for i in indices]
-        params = {key: torch.cat([d[key] for d in drawn]) for key in drawn[0]}
+        drawn = [self.draw(name, shape, "cpu", torch.Generator().manual_seed(view_seed(seed, name, i))) for i in indices]
+        params = {key: torch.cat([d[key] for d in drawn]).to(images.device) for key in drawn[0]}
         pixels = images.float() * self.std + self.mean
         return ((self.apply(name, pixels, params) - self.mean) / self.std).to(images.dtype)
 
