@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 from make_image_folder import make_image_folder
+from cakd.multiview import TRANSFORMS
 from cakd.train import main as train_main
 from test_train import free_port, small_flags
 
@@ -44,11 +45,12 @@ def call(name, argv, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64)."""
+    """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64),
+    evaluated also on the multi-view transforms (``--eval-views``)."""
     root = tmp_path_factory.mktemp("scripts")
     data = make_image_folder(str(root / "data"), num_classes=7, train_per_class=3, val_per_class=3, size=72)
     out = str(root / "run")
-    assert train_main(small_flags("cakd", data, out, epochs=1)) == 0
+    assert train_main(small_flags("cakd", data, out, epochs=1) + ["--eval-views"]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         record = json.loads(f.read().splitlines()[-1])
     checkpoint = os.path.join(out, "checkpoint.pth")
@@ -120,11 +122,31 @@ def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
         assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
 
 
+VIEW_KEYS = [f"views_{name}_{k}" for name in TRANSFORMS + ("mean",) for k in ("acc1", "acc5")]
+
+
+def test_evaluate_views_agree_with_the_trainer_whatever_the_batch(trained, tmp_path, capsys):
+    """--views: the clean and per-transform numbers are the trainer's --eval-views ones, with the
+    run's batch size (4) and another (5): each image's view is seeded by its index."""
+    r = trained.record
+    for batch_size in (4, 5):
+        numbers = tmp_path / "views.json"
+        argv = ["--checkpoint", trained.checkpoint, "--views", "--batch-size", batch_size, "--workers", 0, "--json", numbers]
+        code, out, err = call("evaluate", argv, capsys)
+        assert code == 0, err
+        assert trainer_line("Test:", r["acc1"], r["acc5"]) in out
+        assert f"Test: view noise Acc@1 {r['views_noise_acc1']:.3f} Acc@5 {r['views_noise_acc5']:.3f} ({VAL_IMAGES} images)" in out
+        written = json.loads(numbers.read_text())
+        assert {key: written[key] for key in VIEW_KEYS} == {key: r[key] for key in VIEW_KEYS}, batch_size
+        assert written["views_seed"] == 0
+
+
 def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
+    """With --views too: the 2 processes' shards give the single process's numbers."""
     numbers = tmp_path / "ema.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "evaluate.py"), "--checkpoint",
-           trained.checkpoint, "--which", "ema", "--device", "cpu", "--workers", "0", "--json", str(numbers)]
+           trained.checkpoint, "--which", "ema", "--device", "cpu", "--workers", "0", "--json", str(numbers), "--views"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     r = trained.record
@@ -132,6 +154,7 @@ def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
     assert "2 process(es)" in result.stdout and result.stdout.count("Test: EMA Acc@1") == 1  # rank 0 prints
     written = json.loads(numbers.read_text())
     assert (written["acc1"], written["acc5"]) == (r["ema_acc1"], r["ema_acc5"])
+    assert {key: written[key] for key in VIEW_KEYS} == {key: r["ema_" + key] for key in VIEW_KEYS}
 
 
 def test_evaluate_the_teacher_and_bad_input(trained, tmp_path, capsys):
@@ -189,6 +212,30 @@ def test_export_round_trips_with_identical_logits(trained, tmp_path, capsys):
     code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", "ema", "--output", path, "--force"], capsys)
     assert code == 0 and path.read_bytes() != before
     assert set(os.listdir(tmp_path)) == {"student.pth", "ema.pth"}  # no temporary file left behind
+
+
+@pytest.mark.parametrize("breakage", ["key dropped", "tensor altered"])
+def test_export_check_refuses_a_broken_export(trained, tmp_path, capsys, monkeypatch, breakage):
+    """The check compares the export with the checkpoint's distiller (or the trainer's EMA
+    wrapper), not with the export itself: a broken export is refused and nothing is written."""
+    export = SCRIPTS["export"]
+    good = export.exported_state
+
+    def broken(checkpoint, which):
+        state = good(checkpoint, which)
+        if breakage == "key dropped":
+            del state["layer3.0.bn1.running_var"]
+        else:
+            state["layer3.0.bn1.running_var"] = state["layer3.0.bn1.running_var"] * 1.01
+        return state
+
+    monkeypatch.setattr(export, "exported_state", broken)
+    message = "does not load into torchvision.models.resnet18" if breakage == "key dropped" else "gives other logits"
+    for which in ("student", "ema"):
+        path = tmp_path / f"{which}.pth"
+        code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", which, "--output", path], capsys)
+        assert code == 1 and len(err) == 1 and message in err[0], (which, err)
+        assert not path.exists()
 
 
 def test_export_command_line_error_is_one_line(tmp_path):

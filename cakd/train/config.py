@@ -130,6 +130,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")
+    g.add_argument(
+        "--eval-views", action="store_true", help="also evaluate on each multi-view transform of every image (Figure 3 C4/C5)"
+    )
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--world-size", default=1, type=int, help="number of distributed processes (set by torchrun)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")

@@ -20,7 +20,7 @@ from ..distillers import BaselineDistiller, StudentWithProjectors, build_distill
 from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
 from .config import disc_lr_factor, distiller_overrides, parse_args, save_config
 from .data import DataError, build_datasets, build_loaders
-from .engine import StopRequest, TrainingError, evaluate, train_one_epoch
+from .engine import StopRequest, TrainingError, evaluate, evaluate_views, train_one_epoch
 from .errors import UserError, one_line, print_error
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
@@ -249,6 +249,12 @@ class Run:
     def evaluate(self, epoch=None):
         options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
         results = {}
+        if self.args.eval_views:  # clean and each multi-view transform, in one pass (views seeded with 0)
+            results.update(evaluate_views(self.distiller.student, self.val_loader, self.device, header="Test:", **options))
+            if self.ema is not None:
+                ema = evaluate_views(self.ema.module, self.val_loader, self.device, header="Test: EMA", **options)
+                results.update({"ema_" + key: value for key, value in ema.items()})
+            return results
         results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:", **options)
         if self.ema is not None:
             results["ema_acc1"], results["ema_acc5"] = evaluate(
