@@ -76,7 +76,7 @@ def deit_b(num_classes: int = 1000, image_size: int = 224, **kwargs) -> VisionTr
     )
 
 
-_OWN_BUILDERS = {"swin_l": swin_l, "deit_b": deit_b}
+OWN_BUILDERS = {"swin_l": swin_l, "deit_b": deit_b}
 
 
 def architecture(name: str, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
@@ -84,8 +84,8 @@ def architecture(name: str, num_classes: int = 1000, image_size: int = 224) -> n
     if name not in STUDENTS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(STUDENTS)}")
     kwargs = {"image_size": image_size} if name in VIT_TEACHERS else {}
-    if name in _OWN_BUILDERS:
-        return _OWN_BUILDERS[name](num_classes=num_classes, **kwargs)
+    if name in OWN_BUILDERS:
+        return OWN_BUILDERS[name](num_classes=num_classes, **kwargs)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
@@ -183,7 +183,7 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
         if not isinstance(state, dict) or head not in state:
             raise ValueError(f"{weights} is not a state dict of {name} (no {head})")
         return dict(state)
-    if name in _OWN_BUILDERS:
+    if name in OWN_BUILDERS:
         raise ValueError(
             f"torchvision has no {name} weights: convert the official release with "
             f"scripts/convert_weights.py --arch {name} and pass the .pth file"

@@ -3,7 +3,7 @@
     python scripts/export.py --checkpoint runs/cakd/checkpoint.pth --which ema --output resnet50_cakd_ema.pth
 
 The file loads with ``torchvision.models.get_model(arch, num_classes=K).load_state_dict(sd)``
-(strict). The exported state dict is read from the checkpoint by ``SourceCheckpoint.student_state``
+(strict; a ViT student trained at another crop than 224 needs its ``image_size`` too). The exported state dict is read from the checkpoint by ``SourceCheckpoint.student_state``
 (the code the evaluation and the trainer's ``--weights`` use). Before writing, that very load is
 done on its serialized bytes, and the logits on a random batch are compared with a yardstick
 built another way: the student held by the checkpoint's distiller as the trainer rebuilds it
@@ -19,13 +19,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 from cakd.checkpoint import save_atomic  # noqa: E402
 from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
-from cakd.models import build_student  # noqa: E402
+from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of  # noqa: E402
 from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
-from cakd.train.tools import SourceCheckpoint, UserError, load_strict, load_student, pick, run_and_report  # noqa: E402
+from cakd.train.tools import (  # noqa: E402
+    SourceCheckpoint,
+    UserError,
+    load_strict,
+    load_student,
+    pick,
+    run_and_report,
+    student_arch,
+)
 
 
 def get_args_parser():
@@ -45,7 +52,7 @@ def reference_student(checkpoint, which, arch):
     validated = load_student(checkpoint, which, arch)  # one clear line for a wrong --model or file
     if checkpoint.kind == "student":
         return validated
-    student = build_student(arch, num_classes=validated.fc.out_features)
+    student = build_student(arch, num_classes=num_classes_of(validated), image_size=pick(checkpoint, "train_crop_size"))
     if checkpoint.kind == "released":  # the package's importer, as for a released run
         distiller = BaselineDistiller(StudentWithProjectors(student))
         source = checkpoint.contents["model"] if which == "student" else checkpoint.contents["model_ema"]
@@ -65,6 +72,11 @@ def reference_student(checkpoint, which, arch):
     return distiller.student.eval()
 
 
+def home(arch):
+    """Where the plain model is built: ``torchvision.models.<arch>`` (``cakd.models`` for swin_l, deit_b)."""
+    return f"{'cakd.models' if arch in OWN_BUILDERS else 'torchvision.models'}.{arch}"
+
+
 def exported_state(checkpoint, which):
     """What is written: the student's (or EMA's) plain torchvision state dict, as
     ``SourceCheckpoint`` reads it from the file (no module in between)."""
@@ -72,7 +84,7 @@ def exported_state(checkpoint, which):
 
 
 @torch.no_grad()
-def check_round_trip(state, reference, arch, crop):
+def check_round_trip(state, reference, arch, crop, image_size):
     """Serialize ``state``, load it strictly into a fresh torchvision model, compare its logits
     with ``reference`` (the yardstick, built from the checkpoint by another path).
 
@@ -81,9 +93,9 @@ def check_round_trip(state, reference, arch, crop):
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, map_location="cpu", weights_only=True)
-    num_classes = state["fc.weight"].shape[0]
-    plain = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    load_strict(plain, loaded, f"the export does not load into torchvision.models.{arch}", "this is a bug, please report it")
+    num_classes = num_classes_of(reference)
+    plain = architecture(arch, num_classes, image_size)  # torchvision's get_model (or cakd.models' swin_l / deit_b)
+    load_strict(plain, loaded, f"the export does not load into {home(arch)}", "this is a bug, please report it")
     plain.eval()
     images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     expected, got = reference(images), plain(images)
@@ -96,14 +108,14 @@ def run(args):
     if os.path.exists(args.output) and not args.force:
         raise UserError(f"{args.output} exists: pass --force to overwrite it")
     checkpoint = SourceCheckpoint(args.checkpoint)
-    arch = pick(checkpoint, "model", args.model)
+    arch = student_arch(checkpoint, args.model)
     reference = reference_student(checkpoint, args.which, arch)
     state = exported_state(checkpoint, args.which)
     crop = pick(checkpoint, "val_crop_size")
-    diff, shape, num_classes = check_round_trip(state, reference, arch, crop)
+    diff, shape, num_classes = check_round_trip(state, reference, arch, crop, pick(checkpoint, "train_crop_size"))
     verdict = "identical" if diff == 0 else "DIFFERENT"
     print(
-        f"check: loads strictly into torchvision.models.{arch}(num_classes={num_classes}); "
+        f"check: loads strictly into {home(arch)}(num_classes={num_classes}); "
         f"logits on a random {'x'.join(map(str, shape))} batch vs the checkpoint's {args.which}: max abs diff {diff:.3g} ({verdict})"
     )
     if diff != 0:

@@ -119,9 +119,7 @@ def load_student(checkpoint, which="student", model=None):
     shapes the weights have, else resnet50; the class count is read from its classifier.
     """
     state = checkpoint.student_state(which)
-    if model is None and "model" not in checkpoint.args:
-        model = infer_student(state)  # an exported file says nothing else about itself
-    arch = pick(checkpoint, "model", model)
+    arch = student_arch(checkpoint, model, state)
     if arch not in STUDENTS:
         raise UserError(f"unknown student {arch!r}: choose one of {', '.join(STUDENTS)}")
     with torch.device("meta"):
@@ -131,6 +129,14 @@ def load_student(checkpoint, which="student", model=None):
     student = build_student(arch, num_classes=state[head].shape[0], image_size=pick(checkpoint, "train_crop_size"))
     load_strict(student, state, f"{checkpoint.path} does not fit a {arch} student", "pass --model with the student it was trained as")
     return student.eval()
+
+
+def student_arch(checkpoint, model=None, state=None):
+    """The student's architecture: ``model``, else the run's ``--model``, else the CNN whose
+    keys and shapes the weights have (an exported file says nothing else about itself), else resnet50."""
+    if model is None and "model" not in checkpoint.args:
+        model = infer_student(state if state is not None else checkpoint.student_state("student"))
+    return pick(checkpoint, "model", model)
 
 
 def infer_student(state):
