@@ -253,26 +253,24 @@ def test_export_command_line_error_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_attention_maps_png(trained, tmp_path, capsys):
     png = tmp_path / "maps" / "attention.png"
-    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", png, "--num-images", 3,
-                                             "--cell", 40, "--pad", 3], capsys)
+    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", png, "--num-images", 3], capsys)
     assert code == 0, err
     image = decode_png(png)
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 3 * 40 + 4 * 3, 3 * 40 + 4 * 3)
-    first_teacher_cell = image[:, 3 : 3 + 40, 3 : 3 + 40].float()
-    assert first_teacher_cell.std() > 0  # a map, not a blank cell
-    assert out.count("row ") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
+    # matplotlib: 12 x (2.8 rows + 0.4) inches at 100 dpi; an image and its three maps per row
+    assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (880, 1200) and image.float().std() > 20
+    assert "(1200x880 px, 3 rows: image | teacher | student | |difference|)" in out
+    assert out.count("teacher|student scale") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
 
     # the same weights in the released layout draw the same picture (the random teacher is redrawn from the seed)
     released = released_checkpoint(trained, str(tmp_path / "released.pth"))
     again = tmp_path / "released.png"
-    code, out, err = call("attention_maps", ["--checkpoint", released, "--output", again, "--num-images", 3,
-                                             "--cell", 40, "--pad", 3], capsys)
+    code, out, err = call("attention_maps", ["--checkpoint", released, "--output", again, "--num-images", 3], capsys)
     assert code == 0, err
     assert again.read_bytes() == png.read_bytes()
 
     code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", again, "--num-images", 1,
-                                             "--cell", 16, "--pad", 0, "--batch-stats"], capsys)
-    assert code == 0 and tuple(decode_png(again).shape) == (3, 16, 48) and "batch statistics" in out
+                                             "--batch-stats"], capsys)
+    assert code == 0 and tuple(decode_png(again).shape[1:]) == (320, 1200) and "batch statistics" in out
 
     exported = str(tmp_path / "student.pth")
     assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
@@ -331,7 +329,7 @@ def synthesized_run(folder, recipe, epochs, records):
     return folder
 
 
-def test_summarize_table_and_plot(trained, tmp_path, capsys):
+def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
     baseline = synthesized_run(str(tmp_path / "baseline"), "baseline", 90, [
@@ -363,8 +361,20 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys):
     assert cells[:4] == ["cakd", "resnet18 <- vit_b_16", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
     assert cells[5] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "paper 71.73 / 90.41 |"  # Table 3
     image = decode_png(png)
-    assert tuple(image.shape) == (3, 300, 500) and (image != 255).any()
-    assert "1. " + baseline + ": blue" in out and "3. " + trained.out + ": green" in out
+    assert tuple(image.shape[1:]) == (300, 500) and (image[:3] != 255).any()
+    # what the picture says: axes, a legend of run names, each run's published top-1 as a dashed line
+    summarize = SCRIPTS["summarize"]
+    fig = summarize.plot([summarize.read_run(run) for run in (baseline, logits)], 500, 300)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "top-1 accuracy (%)")
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == [baseline, f"{baseline}: paper 76.28", logits, f"{logits} (EMA)", f"{logits}: paper 77.02"]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_ydata()[0] for line in dashed] == [76.28, 77.02]
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plots] extra were not installed
+    code, out, err = call("summarize", [baseline, "--plot", png], capsys)
+    assert code == 1 and err == ['error: this picture needs matplotlib, an optional extra: pip install -e ".[plots]" (or pip install matplotlib)']
 
     code, out, err = call("summarize", [str(tmp_path / "nowhere")], capsys)
     assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]
