@@ -8,8 +8,6 @@ A distiller holds
   ``.to()`` / ``.cuda()`` with the rest;
 - ``discriminator`` (CAKD only), trained by its own optimizer.
 """
-import functools
-import operator
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -104,10 +102,6 @@ def mse(a, b):
     """Mean squared error in float32 (targets may come from bf16/fp16 autocast)."""
     return F.mse_loss(a.float(), b.float())
 
-
-def add(*terms):
-    """The sum of the given loss terms, left to right."""
-    return functools.reduce(operator.add, terms)
 
 
 class StudentWithProjectors(nn.Module):
@@ -226,16 +220,11 @@ class Distiller(nn.Module):
         return self.discriminator is not None
 
     def close(self):
-        """Remove every hook this distiller put on the student and teacher."""
+        """Remove every hook this distiller put on the student and teacher now (its taps also
+        remove them when they are garbage-collected with the distiller)."""
         for taps in (self.trainable.taps if hasattr(self.trainable, "taps") else None, self._teacher_taps):
             if taps is not None:
                 taps.remove()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def load_reference_state_dict(self, state_dict, discriminator_state_dict=None):
         """Load a student checkpoint of the released code (``checkpoint["model"]``)."""
@@ -325,9 +314,9 @@ class CAKDDistiller(Distiller):
         projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
         adv_terms = [losses["adv"]] if "adv" in losses else []
         if c.lambda_scope == "all":
-            distill = lam * add(*projector_terms, *adv_terms)
+            distill = lam * sum(projector_terms + adv_terms)
         else:
-            distill = add(*projector_terms, *[lam * adv for adv in adv_terms])
+            distill = sum(projector_terms + [lam * adv for adv in adv_terms])
         losses["total"] = losses["cls"] + distill if c.use_cls else distill
         return losses
 
@@ -348,7 +337,7 @@ class CAKDDistiller(Distiller):
         if c.use_token:
             terms.append(c.token_weight * mse(s["cls_token"], t["cls_token"]))
         terms.append(c.feature_weight * mse(s["patch_tokens"], t["patch_tokens"]))
-        return add(*terms)
+        return sum(terms)
 
     def adversarial_losses(self, s, t):
         """``(L_adv, L_D)``; ``D = sigmoid(discriminator logit)``, real = teacher, fake = student.

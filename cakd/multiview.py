@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.transforms.v2.functional import rgb_to_grayscale
 
 from .models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -141,8 +142,8 @@ class MultiViewGenerator(nn.Module):
         if name == "jitter":
             brightness, contrast, saturation = (f.view(batch, 1, 1, 1) for f in params["factors"].unbind(dim=1))
             out = _blend(pixels, 0.0, brightness)
-            out = _blend(out, _grayscale(out).mean(dim=(-2, -1), keepdim=True), contrast)
-            return _blend(out, _grayscale(out), saturation)
+            out = _blend(out, rgb_to_grayscale(out).mean(dim=(-2, -1), keepdim=True), contrast)
+            return _blend(out, rgb_to_grayscale(out), saturation)
         if name == "mask":
             top, left, side_h, side_w = (v.view(-1, 1, 1) for v in params["box"].unbind(dim=1))
             rows = torch.arange(height, device=pixels.device).view(1, height, 1)
@@ -180,8 +181,3 @@ def _blend(image, other, ratio):
     """``ratio * image + (1 - ratio) * other`` clamped to [0, 1], as torchvision's ``_blend``."""
     return (ratio * image + (1.0 - ratio) * other).clamp(0.0, 1.0)
 
-
-def _grayscale(pixels):
-    """ITU-R 601 luma, as torchvision's ``rgb_to_grayscale``: (B, 1, H, W)."""
-    r, g, b = pixels.unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)

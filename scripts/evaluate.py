@@ -47,7 +47,9 @@ HEADERS = {"student": "Test:", "ema": "Test: EMA", "teacher": "Test: teacher"}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val")
+    p = argparse.ArgumentParser(
+        description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val", allow_abbrev=False
+    )
     run = "the run's"  # most defaults come from the flags saved in the checkpoint
     p.add_argument(
         "--checkpoint",
@@ -66,16 +68,18 @@ def get_args_parser():
     p.add_argument("--val-crop-size", default=None, type=int, help=f"eval center crop (default: {run}, else {RECIPE_EVAL['val_crop_size']})")
     p.add_argument("--interpolation", default=None, help=f"resize interpolation (default: {run}, else bilinear)")
     p.add_argument("-b", "--batch-size", default=None, type=int, help=f"images per process (default: {run}, else {DEFAULTS['batch_size']})")
-    p.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process (default: 4)")
+    p.add_argument(
+        "-j", "--workers", default=min(4, os.cpu_count() or 1), type=int, help="data loading workers per process (default: %(default)s)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when visible)")
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=f"autocast (default: {run})")
     p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help=f"autocast dtype (default: {run})")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
-    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--views", action="store_true", help="also evaluate on each multi-view transform of every image, and their mean")
+    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
+    p.add_argument("--views", action="store_true", help="also evaluate on each multi-view transform of every image, and their mean (default: off)")
     p.add_argument("--views-seed", default=0, type=int, help="seed of the views (default: 0, as the trainer's --eval-views)")
-    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation (torchrun sets it)")
+    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation, as torchrun sets it (default: %(default)s)")
     return p
 
 

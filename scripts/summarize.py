@@ -29,9 +29,11 @@ METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Markdown table of runs' top-1/top-5 (student and EMA) beside the published numbers")
+    p = argparse.ArgumentParser(
+        description="Markdown table of runs' top-1/top-5 (student and EMA) beside the published numbers", allow_abbrev=False
+    )
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl or tensorboard/, and config.yaml)")
-    p.add_argument("--plot", default=None, help="also draw top-1 per epoch of every run into this PNG")
+    p.add_argument("--plot", default=None, help="also draw top-1 per epoch of every run into this PNG, with matplotlib (default: none)")
     p.add_argument("--plot-size", default="800x480", help="WIDTHxHEIGHT of the plot in pixels (default: 800x480)")
     return p
 

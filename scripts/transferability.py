@@ -51,7 +51,7 @@ def get_args_parser():
     p.add_argument("--batch-size", default=32, type=int, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", default=min(4, os.cpu_count() or 1), type=int, help="data loading workers (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
     return p
 
 
