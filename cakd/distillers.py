@@ -8,8 +8,6 @@ A distiller holds
   ``.to()`` / ``.cuda()`` with the rest;
 - ``discriminator`` (CAKD only), trained by its own optimizer.
 """
-import functools
-import operator
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -18,10 +16,10 @@ from torch.nn import functional as F
 
 from .checkpoint import load_reference_state_dict
 from .discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
-from .models import match_stage, stage_channels, teacher_grid
+from .models import CNN_STUDENTS, head_name, num_classes_of, student_layout
 from .multiview import MultiViewGenerator
 from .projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
-from .taps import ResNetTaps, ViTTaps
+from .taps import StudentTaps, teacher_taps
 
 
 @dataclass
@@ -105,10 +103,6 @@ def mse(a, b):
     return F.mse_loss(a.float(), b.float())
 
 
-def add(*terms):
-    """The sum of the given loss terms, left to right."""
-    return functools.reduce(operator.add, terms)
-
 
 class StudentWithProjectors(nn.Module):
     """The trained part: student plus projectors, keyed as in the released checkpoint.
@@ -116,7 +110,8 @@ class StudentWithProjectors(nn.Module):
     ``forward(images, teacher=None)`` returns the student logits and, when a tap stage is
     given, the projectors' outputs: ``attn_qk``/``attn_vv`` (released attention projector)
     or ``attn_out``/``value_maps`` (paper's, which also reads the teacher's q, k, v from
-    ``teacher``), ``patch_tokens`` and ``cls_token``. Projectors that are None are skipped.
+    ``teacher``), ``student_tokens`` (the tapped stage's own tokens h_S), ``patch_tokens``
+    (h'_S) and ``cls_token``. Projectors that are None are skipped.
     """
 
     def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None):
@@ -125,7 +120,7 @@ class StudentWithProjectors(nn.Module):
         self.pca_proj = pca_proj
         self.gl_proj = gl_proj
         self.cls_proj = cls_proj
-        self.taps = ResNetTaps(student, stage) if stage else None
+        self.taps = StudentTaps(student, stage, head_name(student)) if stage else None
 
     def forward(self, images, teacher=None):
         out = {"logits": self.student(images)}
@@ -136,6 +131,7 @@ class StudentWithProjectors(nn.Module):
                 out.update(self.pca_proj(feature, teacher))
             elif self.pca_proj is not None:
                 out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
+            out["student_tokens"] = tokens  # h_S, before the group-wise projector
             out["patch_tokens"] = self.gl_proj(tokens)
             if self.cls_proj is not None:
                 out["cls_token"] = self.cls_proj(pooled)
@@ -204,8 +200,7 @@ class Distiller(nn.Module):
         return out
 
     def run_teacher(self, images):
-        teacher = self._teacher
-        size = teacher.image_size
+        size = self._teacher_taps.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(
                 f"images are {tuple(images.shape[-2:])} but the teacher was built for {size}x{size}: "
@@ -225,16 +220,11 @@ class Distiller(nn.Module):
         return self.discriminator is not None
 
     def close(self):
-        """Remove every hook this distiller put on the student and teacher."""
+        """Remove every hook this distiller put on the student and teacher now (its taps also
+        remove them when they are garbage-collected with the distiller)."""
         for taps in (self.trainable.taps if hasattr(self.trainable, "taps") else None, self._teacher_taps):
             if taps is not None:
                 taps.remove()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def load_reference_state_dict(self, state_dict, discriminator_state_dict=None):
         """Load a student checkpoint of the released code (``checkpoint["model"]``)."""
@@ -287,6 +277,28 @@ class CAKDDistiller(Distiller):
     def disc_due(self, step: int) -> bool:
         return self.discriminator is not None and step % self.config.disc_every == 0
 
+    @torch.no_grad()
+    def attention_maps(self, images):
+        """``(teacher, student)``: the head-mean pre-softmax ``q k^T / sqrt(d)`` maps (B, N, N) of
+        the teacher's last block and of the student's attention projector (either form; the
+        paper's unswapped), with the modules in their current modes: for pictures and logs."""
+        proj = self.trainable.pca_proj
+        if proj is None:
+            raise ValueError("this run has no attention projector (use_pca is off): it has no attention map")
+        taps = self._teacher_taps
+        flags = taps.attention, getattr(proj, "score_map", None)
+        taps.attention = True
+        if isinstance(proj, PartialCrossAttentionProjector):
+            proj.score_map = True
+        try:
+            t = self.run_teacher(images)
+            s = self.trainable(images, teacher=t)
+        finally:
+            taps.attention = flags[0]
+            if isinstance(proj, PartialCrossAttentionProjector):
+                proj.score_map = flags[1]
+        return t["attn_qk"], s["attn_qk"]
+
     def forward(self, images, targets, epoch=0):
         c = self.config
         t = self.run_teacher(images)  # the teacher always sees the clean batch
@@ -302,9 +314,9 @@ class CAKDDistiller(Distiller):
         projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
         adv_terms = [losses["adv"]] if "adv" in losses else []
         if c.lambda_scope == "all":
-            distill = lam * add(*projector_terms, *adv_terms)
+            distill = lam * sum(projector_terms + adv_terms)
         else:
-            distill = add(*projector_terms, *[lam * adv for adv in adv_terms])
+            distill = sum(projector_terms + [lam * adv for adv in adv_terms])
         losses["total"] = losses["cls"] + distill if c.use_cls else distill
         return losses
 
@@ -325,7 +337,7 @@ class CAKDDistiller(Distiller):
         if c.use_token:
             terms.append(c.token_weight * mse(s["cls_token"], t["cls_token"]))
         terms.append(c.feature_weight * mse(s["patch_tokens"], t["patch_tokens"]))
-        return add(*terms)
+        return sum(terms)
 
     def adversarial_losses(self, s, t):
         """``(L_adv, L_D)``; ``D = sigmoid(discriminator logit)``, real = teacher, fake = student.
@@ -374,32 +386,36 @@ def make_config(recipe: str, **overrides):
     return replace(config_class(), **overrides)
 
 
-def build_distiller(recipe: str, student, teacher=None, **overrides) -> Distiller:
-    """Wrap ``student`` (and ``teacher``) into the named recipe; ``overrides`` set config values."""
+def build_distiller(recipe: str, student, teacher=None, image_size=None, **overrides) -> Distiller:
+    """Wrap ``student`` (and ``teacher``) into the named recipe; ``overrides`` set config values.
+
+    ``image_size``: the training crop, which fixes the teacher's token grid and so the student
+    stage that is distilled (default: a ViT teacher's own ``image_size``, else 224).
+    """
     config = make_config(recipe, **overrides)
     cls = DISTILLERS[recipe]
     if recipe == "baseline":
         return cls(StudentWithProjectors(student), config=config)
     if teacher is None:
         raise ValueError(f"the {recipe} recipe needs a teacher")
-    stage = match_stage(student, teacher)  # also checks both model types
-    student_classes, teacher_classes = student.fc.out_features, teacher.num_classes
-    if student_classes != teacher_classes:
-        raise ValueError(
-            f"the {recipe} recipe matches logits, but the teacher predicts {teacher_classes} classes and the "
-            f"student/dataset {student_classes}: use a teacher trained on the dataset's classes"
-        )
+    image_size = image_size or getattr(teacher, "image_size", 224)
     if recipe == "logits":
-        taps = ViTTaps(teacher, attention=False, tokens=False)
+        taps = teacher_taps(teacher, image_size, attention=False, tokens=False)
+        check_classes(recipe, student, teacher)
         return cls(StudentWithProjectors(student), teacher, teacher_taps=taps, config=config)
-    channels, width, grid = stage_channels(student, stage), teacher.hidden_dim, teacher_grid(teacher)
-    attention = teacher.encoder.layers[-1].self_attention
     patchgan = config.use_adv and config.disc_form == "patchgan"
     paper_pca = config.use_pca and config.pca_form == "paper"
+    released_maps = (config.use_pca and config.pca_form == "released") or patchgan
+    taps = teacher_taps(teacher, image_size, attention=released_maps, tokens=True, qkv=paper_pca)
+    if type(student).__name__ in ("VisionTransformer", "SwinTransformer"):
+        raise ValueError(f"the {recipe} recipe distils into a CNN's feature map: use a CNN student ({', '.join(CNN_STUDENTS)})")
+    layout = student_layout(student, image_size)
+    stage, channels = layout.stage_for(taps.grid)
+    check_classes(recipe, student, teacher)
+    width, heads = taps.width, taps.num_heads
     if not config.use_pca:
         pca_proj = None
     elif paper_pca:  # the teacher's heads and widths, so Q, K, V can be swapped element by element
-        heads = attention.num_heads
         pca_proj = PartialCrossAttentionProjector(channels, heads, width // heads, config.pca_swap_prob, score_map=patchgan)
     else:
         pca_proj = AttentionProjector(channels, config.pca_heads, config.pca_head_dim)
@@ -407,12 +423,19 @@ def build_distiller(recipe: str, student, teacher=None, **overrides) -> Distille
         student,
         stage,
         pca_proj=pca_proj,
-        gl_proj=GroupwiseLinearProjector(grid, channels, width, config.gl_window, config.gl_batched, config.gl_dropout),
-        cls_proj=nn.Linear(student.fc.in_features, width) if config.use_token else None,
+        gl_proj=GroupwiseLinearProjector(taps.grid, channels, width, config.gl_window, config.gl_batched, config.gl_dropout),
+        cls_proj=nn.Linear(layout.pooled_dim, width) if config.use_token else None,
     )
     discriminator = None
     if config.use_adv:
         discriminator = PatchGAN() if patchgan else TokenMLP(width)
-    released_maps = (config.use_pca and config.pca_form == "released") or patchgan
-    taps = ViTTaps(teacher, attention=released_maps, tokens=True, qkv=paper_pca)
     return cls(trainable, teacher, discriminator=discriminator, teacher_taps=taps, config=config)
+
+
+def check_classes(recipe, student, teacher):
+    student_classes, teacher_classes = num_classes_of(student), num_classes_of(teacher)
+    if student_classes != teacher_classes:
+        raise ValueError(
+            f"the {recipe} recipe matches logits, but the teacher predicts {teacher_classes} classes and the "
+            f"student/dataset {student_classes}: use a teacher trained on the dataset's classes"
+        )

@@ -12,6 +12,9 @@ import weakref
 
 import torch
 from torch import nn
+from torchvision.models import SwinTransformer, VisionTransformer
+
+from .models import token_grid
 
 
 def _remove_all(handles):
@@ -21,27 +24,39 @@ def _remove_all(handles):
 
 
 class FeatureTaps:
-    """Keeps the forward output of named submodules of ``model`` in ``self.outputs``.
+    """Keeps the forward output of the named submodules ``outputs`` of ``model``, and the
+    first forward argument of those named in ``inputs``, in ``self.outputs``.
 
     Handles are removed by :meth:`remove`, and also when the taps object is
     garbage-collected, so a dropped distiller leaves no hook behind.
     """
 
-    def __init__(self, model: nn.Module, names):
+    def __init__(self, model: nn.Module, outputs=(), inputs=()):
         self.outputs = {}
         self._handles = []
         modules = dict(model.named_modules())
-        for name in names:
+        for name in [*outputs, *inputs]:
             if name not in modules:
                 raise ValueError(f"{type(model).__name__} has no submodule {name!r} to tap")
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        for name in outputs:
+            self._handles.append(modules[name].register_forward_hook(self._output_hook(name)))
+        for name in inputs:
+            self._handles.append(modules[name].register_forward_pre_hook(self._input_hook(name)))
         self._finalizer = weakref.finalize(self, _remove_all, self._handles)
 
-    def _hook(self, name):
+    def _output_hook(self, name):
         outputs = self.outputs
 
         def hook(module, args, output):
             outputs[name] = output
+
+        return hook
+
+    def _input_hook(self, name):
+        outputs = self.outputs
+
+        def hook(module, args):
+            outputs[name] = args[0]
 
         return hook
 
@@ -89,6 +104,9 @@ class ViTTaps:
         self.qkv = qkv
         block = teacher.encoder.layers[-1]
         self.attn = block.self_attention
+        self.image_size = teacher.image_size
+        self.grid = token_grid(teacher, teacher.image_size)
+        self.width, self.num_heads = teacher.hidden_dim, self.attn.num_heads
         self._ln1 = _module_name(teacher, block.ln_1) if attention or qkv else None
         self._ln = _module_name(teacher, teacher.encoder.ln) if tokens else None
         self.taps = FeatureTaps(teacher, [name for name in (self._ln1, self._ln) if name])
@@ -140,6 +158,102 @@ def vit_score_maps(x: torch.Tensor, attn: nn.MultiheadAttention):
     return released_score_maps(*vit_qkv(x, attn), attn.num_heads)
 
 
+class SwinTaps:
+    """Taps on a torchvision ``SwinTransformer`` teacher (v1 or v2) at ``image_size``.
+
+    The same dict as :class:`ViTTaps`, from the last stage's last block, whose one attention
+    window covers the whole last-stage grid (N tokens; at 224, 7x7 in a 7x7 window): the
+    maps are the block's own pre-softmax scores (v1: ``q k^T / sqrt(d)``; v2: cosine
+    similarity times its logit scale), relative position bias included, recomputed from
+    the block's attention input with its own weights (:func:`swin_scores`). ``attn_qk`` is
+    their head mean; ``attn_vv`` the head mean of the unscaled ``v v^T``; ``patch_tokens`` the
+    final norm's output (B, N, D) and ``cls_token`` the pooled token the head reads.
+    """
+
+    def __init__(self, teacher: nn.Module, image_size: int, attention: bool = True, tokens: bool = True, qkv: bool = False):
+        self.teacher = teacher
+        self.runner = teacher
+        self.attention = attention
+        self.qkv = qkv
+        self.attn = teacher.features[-1][-1].attn
+        self.image_size = image_size
+        self.grid = token_grid(teacher, image_size)
+        self.width, self.num_heads = teacher.head.in_features, self.attn.num_heads
+        self._attn = _module_name(teacher, self.attn) if attention or qkv else None
+        self.tokens = tokens
+        inputs = ([self._attn] if self._attn else []) + (["head"] if tokens else [])
+        self.taps = FeatureTaps(teacher, outputs=["norm"] if tokens else [], inputs=inputs)
+
+    def __call__(self, images):
+        logits = self.runner(images)
+        out = {"logits": logits}
+        if self.tokens:
+            out["patch_tokens"] = self.taps.pop("norm").flatten(1, 2)
+            out["cls_token"] = self.taps.pop("head")
+        if self._attn is not None:
+            x = self.taps.pop(self._attn)
+            q, k, v, real = swin_qkv(x, self.attn)
+            scores = swin_scores(q, k, self.attn)
+            heads = self.num_heads
+            if self.attention:
+                out["attn_qk"] = scores[:, :, real][:, :, :, real].mean(dim=1)
+                v_real = v[:, real]
+                out["attn_vv"] = head_mean_scores(v_real, v_real, heads, 1.0)
+            if self.qkv:
+                out["q"], out["k"], out["v"] = q[:, real], k[:, real], v[:, real]
+                out["attn_out"] = (scores.softmax(dim=-1) @ split_heads(v, heads))[:, :, real]
+                out["value_maps"] = value_maps(v[:, real], heads)
+        return out
+
+    def remove(self):
+        self.taps.remove()
+
+
+def swin_qkv(x: torch.Tensor, attn: nn.Module):
+    """q, k, v (B, W, h*d) of the window tokens, from the input ``x`` (B, H, W, C) of the
+    window attention ``attn``, padded at the bottom and right to one window as the block pads
+    it; and the indices of the grid's own tokens among the window's (row-major). Swin v2
+    projects with no key bias, as its forward does."""
+    _, height, width, channels = x.shape
+    window_h, window_w = attn.window_size
+    x = nn.functional.pad(x, (0, 0, 0, window_w - width, 0, window_h - height)).flatten(1, 2)
+    bias = attn.qkv.bias
+    if bias is not None and hasattr(attn, "logit_scale"):
+        bias = torch.cat([bias[:channels], torch.zeros_like(bias[channels : 2 * channels]), bias[2 * channels :]])
+    q, k, v = nn.functional.linear(x, attn.qkv.weight, bias).chunk(3, dim=-1)
+    real = (torch.arange(height, device=x.device)[:, None] * window_w + torch.arange(width, device=x.device)).flatten()
+    return q, k, v, real
+
+
+def swin_scores(q, k, attn: nn.Module) -> torch.Tensor:
+    """The window attention's per-head pre-softmax scores (B, h, W, W), as the block computes
+    them: v1 ``q k^T / sqrt(d)``, v2 cosine similarity times ``exp(min(logit_scale, log 100))``,
+    plus the relative position bias (v2: its continuous position bias) from the block's own
+    ``get_relative_position_bias``."""
+    heads = attn.num_heads
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    if hasattr(attn, "logit_scale"):
+        scale = torch.clamp(attn.logit_scale, max=math.log(100.0)).exp()
+        scores = nn.functional.normalize(qh, dim=-1) @ nn.functional.normalize(kh, dim=-1).transpose(-2, -1) * scale
+    else:
+        scores = (qh * qh.shape[-1] ** -0.5) @ kh.transpose(-2, -1)
+    return scores + attn.get_relative_position_bias()
+
+
+def teacher_taps(teacher: nn.Module, image_size: int, attention: bool = True, tokens: bool = True, qkv: bool = False):
+    """:class:`ViTTaps` or :class:`SwinTaps` for ``teacher``; a ViT must be built for ``image_size``."""
+    if isinstance(teacher, VisionTransformer):
+        if teacher.image_size != image_size:
+            raise ValueError(
+                f"the teacher was built for {teacher.image_size}x{teacher.image_size} but the images are "
+                f"{image_size}x{image_size}: build it with image_size={image_size}"
+            )
+        return ViTTaps(teacher, attention, tokens, qkv)
+    if isinstance(teacher, SwinTransformer):
+        return SwinTaps(teacher, image_size, attention, tokens, qkv)
+    raise TypeError(f"the teacher must be a torchvision VisionTransformer or SwinTransformer, got {type(teacher).__name__}")
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, N, h*d) -> (B, h, N, d), head i being channels i*d:(i+1)*d as in ``nn.MultiheadAttention``."""
     return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
@@ -158,19 +272,18 @@ def value_maps(v, num_heads: int) -> torch.Tensor:
     return vh @ vh.transpose(-1, -2) * vh.shape[-1] ** -0.5
 
 
-class ResNetTaps:
-    """Taps on a torchvision ResNet student: the stage ``stage`` (e.g. ``"layer3"``) and the
-    pooled feature (B, C') before ``fc``."""
+class StudentTaps:
+    """Taps on a student: the output of the stage ``stage`` (e.g. ``"layer3"``), a feature
+    map, and the input of the classifier head ``head`` (``fc``, ``classifier``): the pooled
+    feature, before the head's dropout."""
 
-    def __init__(self, student: nn.Module, stage: str):
-        self.stage = stage
-        self.taps = FeatureTaps(student, [stage, "avgpool"])
+    def __init__(self, student: nn.Module, stage: str, head: str):
+        self.stage, self.head = stage, head
+        self.taps = FeatureTaps(student, outputs=[stage], inputs=[head])
 
     def pop_map(self):
-        """The stage output as a map (B, C, H, W), and the pooled feature."""
-        feature = self.taps.pop(self.stage)
-        pooled = self.taps.pop("avgpool")
-        return feature, pooled.flatten(1)
+        """The stage output as a map (B, C, H, W), and the pooled feature (B, C')."""
+        return self.taps.pop(self.stage), self.taps.pop(self.head)
 
     def remove(self):
         self.taps.remove()

@@ -71,11 +71,13 @@ VIT_SIZES = {(192, 12, 768): "DeiT-Ti", (384, 12, 1536): "DeiT-S", (768, 12, 307
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Convert an official DeiT-B / Swin-L checkpoint to a torchvision state dict")
+    p = argparse.ArgumentParser(
+        description="Convert an official DeiT-B / Swin-L checkpoint to a torchvision state dict", allow_abbrev=False
+    )
     p.add_argument("--arch", required=True, choices=["deit_b", "swin_l"], help="the teacher the file is for")
     p.add_argument("--input", required=True, help="the released .pth (bare state dict, or under 'model' / 'state_dict')")
     p.add_argument("--output", required=True, help="the .pth file to write")
-    p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists (default: off)")
     return p
 
 

@@ -2,12 +2,17 @@
 exported student, a released-code checkpoint, or the teacher; with the recipe's eval preset.
 
     python scripts/evaluate.py --checkpoint runs/cakd/checkpoint.pth [--which student|ema|teacher]
-        [--data-path DIR] [--json FILE]
+        [--data-path DIR] [--json FILE] [--views [--views-seed N]]
     torchrun --nproc_per_node=8 scripts/evaluate.py --checkpoint ... --device cuda
 
 Settings the run was trained with (student, eval sizes, batch size, data path, teacher) are read
 from the checkpoint's saved flags; a flag given here wins. Under torchrun each process takes
 ``rank::world_size`` of the images, so the numbers count every image exactly once.
+
+``--views``: also top-1/top-5 with each multi-view transform (``cakd.multiview``) applied to
+every image, and their mean: the noisy evaluation of the paper's Figure 3 (C4, C5). The view of
+image ``i`` is drawn from a generator seeded by ``(--views-seed, transform, i)``, so two
+evaluations give the same numbers, whatever the batch size or number of processes.
 """
 import argparse
 import json
@@ -20,9 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
 
+from cakd.models import no_weights, num_classes_of  # noqa: E402
 from cakd.train import distributed as dist_utils  # noqa: E402
 from cakd.train.data import ShardSampler  # noqa: E402
-from cakd.train.engine import evaluate  # noqa: E402
+from cakd.train.engine import evaluate, evaluate_views  # noqa: E402
 from cakd.train.logging import print_main  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     DEFAULTS,
@@ -41,7 +47,9 @@ HEADERS = {"student": "Test:", "ema": "Test: EMA", "teacher": "Test: teacher"}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val")
+    p = argparse.ArgumentParser(
+        description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val", allow_abbrev=False
+    )
     run = "the run's"  # most defaults come from the flags saved in the checkpoint
     p.add_argument(
         "--checkpoint",
@@ -60,14 +68,18 @@ def get_args_parser():
     p.add_argument("--val-crop-size", default=None, type=int, help=f"eval center crop (default: {run}, else {RECIPE_EVAL['val_crop_size']})")
     p.add_argument("--interpolation", default=None, help=f"resize interpolation (default: {run}, else bilinear)")
     p.add_argument("-b", "--batch-size", default=None, type=int, help=f"images per process (default: {run}, else {DEFAULTS['batch_size']})")
-    p.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process (default: 4)")
+    p.add_argument(
+        "-j", "--workers", default=min(4, os.cpu_count() or 1), type=int, help="data loading workers per process (default: %(default)s)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when visible)")
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=f"autocast (default: {run})")
     p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help=f"autocast dtype (default: {run})")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
-    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer")
-    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation (torchrun sets it)")
+    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer (default: %(default)s)")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
+    p.add_argument("--views", action="store_true", help="also evaluate on each multi-view transform of every image, and their mean (default: off)")
+    p.add_argument("--views-seed", default=0, type=int, help="seed of the views (default: 0, as the trainer's --eval-views)")
+    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation, as torchrun sets it (default: %(default)s)")
     return p
 
 
@@ -76,7 +88,7 @@ def build_model(args, checkpoint, dataset, crop):
     if args.which == "teacher":
         name = pick(checkpoint, "teacher", args.teacher)
         weights = pick(checkpoint, "teacher_weights", args.teacher_weights)
-        if str(weights).lower() in ("none", ""):
+        if no_weights(weights):
             print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -85,7 +97,7 @@ def build_model(args, checkpoint, dataset, crop):
             teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)
         return teacher, f"teacher {name} ({weights})"
     student = load_student(checkpoint, args.which, args.model)
-    check_class_count(student.fc.out_features, dataset, f"{checkpoint.path} ({args.which})")
+    check_class_count(num_classes_of(student), dataset, f"{checkpoint.path} ({args.which})")
     return student, f"{args.which} of {checkpoint.path} ({checkpoint.kind} checkpoint)"
 
 
@@ -120,17 +132,22 @@ def run(args):
     print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {args.world_size} process(es))")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    acc1, acc5 = evaluate(
-        model, loader, device, amp_dtype, memory_format, print_freq=max(args.print_freq, 1) * 10, header=HEADERS[args.which]
-    )
+    options = dict(amp_dtype=amp_dtype, memory_format=memory_format, print_freq=max(args.print_freq, 1) * 10)
+    options["header"] = HEADERS[args.which]
+    if args.views:
+        numbers = evaluate_views(model, loader, device, seed=args.views_seed, **options)
+    else:
+        numbers = dict(zip(("acc1", "acc5"), evaluate(model, loader, device, **options)))
     if args.json and dist_utils.is_main_process():
         record = {"which": args.which, "checkpoint": args.checkpoint, "data": dataset.root, "images": len(dataset)}
-        record.update(acc1=acc1, acc5=acc5)
+        record.update(numbers)
+        if args.views:
+            record["views_seed"] = args.views_seed
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
-    return acc1, acc5
+    return numbers["acc1"], numbers["acc5"]
 
 
 def main(argv=None):

@@ -3,9 +3,13 @@
     python scripts/export.py --checkpoint runs/cakd/checkpoint.pth --which ema --output resnet50_cakd_ema.pth
 
 The file loads with ``torchvision.models.get_model(arch, num_classes=K).load_state_dict(sd)``
-(strict). Before writing, that very load is done on the serialized bytes and the logits on a
-random batch are compared with the checkpoint's student as the training code loads it
-(``model``, or ``model_ema`` through the EMA wrapper); the file is written only if they are equal.
+(strict; a ViT student trained at another crop than 224 needs its ``image_size`` too). The exported state dict is read from the checkpoint by ``SourceCheckpoint.student_state``
+(the code the evaluation and the trainer's ``--weights`` use). Before writing, that very load is
+done on its serialized bytes, and the logits on a random batch are compared with a yardstick
+built another way: the student held by the checkpoint's distiller as the trainer rebuilds it
+(``model`` loaded into the distiller's student; for ``--which ema``, ``model_ema`` loaded into
+the trainer's EMA wrapper around it), or, for a released-code checkpoint, the package's importer.
+The file is written only if the logits are equal.
 """
 import argparse
 import io
@@ -15,13 +19,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
-from cakd.checkpoint import export_student, save_atomic, split_reference_state_dict  # noqa: E402
+from cakd.checkpoint import save_atomic, split_reference_state_dict  # noqa: E402
 from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
-from cakd.models import build_student  # noqa: E402
+from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of  # noqa: E402
 from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
-from cakd.train.tools import SourceCheckpoint, UserError, load_strict, load_student, pick, run_and_report  # noqa: E402
+from cakd.train.tools import (  # noqa: E402
+    SourceCheckpoint,
+    UserError,
+    load_strict,
+    load_student,
+    pick,
+    run_and_report,
+    student_arch,
+)
 
 
 def get_args_parser():
@@ -35,11 +46,13 @@ def get_args_parser():
 
 
 def reference_student(checkpoint, which, arch):
-    """The student as the code that wrote the checkpoint holds it: the yardstick of the check."""
+    """The student as the code that wrote the checkpoint holds it: the yardstick of the check.
+    A plain state dict has no distiller: it is its own yardstick (the check is then the strict
+    load and the round trip through the file's bytes)."""
     validated = load_student(checkpoint, which, arch)  # one clear line for a wrong --model or file
     if checkpoint.kind == "student":
         return validated
-    student = build_student(arch, num_classes=validated.fc.out_features)
+    student = build_student(arch, num_classes=num_classes_of(validated), image_size=pick(checkpoint, "train_crop_size"))
     if checkpoint.kind == "released":  # the package's importer, as for a released run
         distiller = BaselineDistiller(StudentWithProjectors(student))
         source = checkpoint.contents["model"] if which == "student" else checkpoint.contents["model_ema"]
@@ -50,26 +63,40 @@ def reference_student(checkpoint, which, arch):
         except ValueError as error:
             raise UserError(f"{checkpoint.path}: {error}") from None
         return distiller.student.eval()
-    if which == "ema":  # the trainer's EMA wrapper reads model_ema as saved
-        ema = ExponentialMovingAverage(student, decay=0.0)
+    distiller = BaselineDistiller(StudentWithProjectors(student))  # as the trainer's --test-only builds it
+    if which == "ema":  # the trainer's EMA wrapper around the distiller's student reads model_ema as saved
+        ema = ExponentialMovingAverage(distiller.student, decay=0.0)
         load_strict(ema, checkpoint.contents["model_ema"], f"{checkpoint.path}'s EMA does not fit a {arch}", "pass --model")
         return ema.module.eval()
-    load_strict(student, checkpoint.contents["model"], f"{checkpoint.path} does not fit a {arch} student", "pass --model")
-    return student.eval()
+    what = f"{checkpoint.path} does not fit a {arch} student"
+    load_strict(distiller.student, checkpoint.contents["model"], what, "pass --model")
+    return distiller.student.eval()
+
+
+def home(arch):
+    """Where the plain model is built: ``torchvision.models.<arch>`` (``cakd.models`` for swin_l, deit_b)."""
+    return f"{'cakd.models' if arch in OWN_BUILDERS else 'torchvision.models'}.{arch}"
+
+
+def exported_state(checkpoint, which):
+    """What is written: the student's (or EMA's) plain torchvision state dict, as
+    ``SourceCheckpoint`` reads it from the file (no module in between)."""
+    return {key: value.detach().clone() for key, value in checkpoint.student_state(which).items()}
 
 
 @torch.no_grad()
-def check_round_trip(state, reference, arch, crop):
-    """Serialize ``state``, load it strictly into a fresh torchvision model, compare logits.
+def check_round_trip(state, reference, arch, crop, image_size):
+    """Serialize ``state``, load it strictly into a fresh torchvision model, compare its logits
+    with ``reference`` (the yardstick, built from the checkpoint by another path).
 
     Returns the max abs logit difference (0.0 when they are identical)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, map_location="cpu", weights_only=True)
-    num_classes = state["fc.weight"].shape[0]
-    plain = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    load_strict(plain, loaded, f"the export does not load into torchvision.models.{arch}", "this is a bug, please report it")
+    num_classes = num_classes_of(reference)
+    plain = architecture(arch, num_classes, image_size)  # torchvision's get_model (or cakd.models' swin_l / deit_b)
+    load_strict(plain, loaded, f"the export does not load into {home(arch)}", "this is a bug, please report it")
     plain.eval()
     images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
     expected, got = reference(images), plain(images)
@@ -82,14 +109,14 @@ def run(args):
     if os.path.exists(args.output) and not args.force:
         raise UserError(f"{args.output} exists: pass --force to overwrite it")
     checkpoint = SourceCheckpoint(args.checkpoint)
-    arch = pick(checkpoint, "model", args.model)
+    arch = student_arch(checkpoint, args.model)
     reference = reference_student(checkpoint, args.which, arch)
-    state = export_student(reference)
+    state = exported_state(checkpoint, args.which)
     crop = pick(checkpoint, "val_crop_size")
-    diff, shape, num_classes = check_round_trip(state, reference, arch, crop)
+    diff, shape, num_classes = check_round_trip(state, reference, arch, crop, pick(checkpoint, "train_crop_size"))
     verdict = "identical" if diff == 0 else "DIFFERENT"
     print(
-        f"check: loads strictly into torchvision.models.{arch}(num_classes={num_classes}); "
+        f"check: loads strictly into {home(arch)}(num_classes={num_classes}); "
         f"logits on a random {'x'.join(map(str, shape))} batch vs the checkpoint's {args.which}: max abs diff {diff:.3g} ({verdict})"
     )
     if diff != 0:

@@ -1,10 +1,15 @@
 """configs/*.yaml are the released command lines; YAML keys are the flags' names."""
+import glob
+import math
 import os
 
 import pytest
+import torch
 import yaml
 
 from cakd.train.config import get_args_parser, parse_args, save_config
+from cakd.train.optim import build_scheduler
+from cakd.train.trainer import schedule_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +96,70 @@ def test_config_key_loads_a_parent_file_first(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(tmp_path / "loop.yaml")])
     assert "includes itself" in capsys.readouterr().err
+
+
+# ---- the learning rate of every epoch and the eval preset of every configs/*.yaml -------------
+# Written from the texts, not from the YAMLs: reference.md ("The three recipes": steplr 30 / 0.1,
+# the cakd recipe's 5 linear warmup epochs from 0.01 x lr chained before it, so its drops come at
+# 35, 65 and 95; eval resize 224, crop 224) and paper.md ("Training set-up as written": ImageNet
+# 120 epochs, lr 0.1 x0.1 at 30, 60, 90, no warmup, eval resize 256, crop 224 as the official
+# PyTorch example; CIFAR-100 200 epochs, x0.1 at 100 and 150).
+def lr_per_epoch(lr, epochs, drops, warmup_epochs=0, warmup_start=0.01, gamma=0.1):
+    """The lr of each epoch: a linear ramp from ``warmup_start * lr`` over the warmup epochs,
+    then ``lr`` times ``gamma`` for each epoch of ``drops`` already reached."""
+    rates = []
+    for epoch in range(epochs):
+        if epoch < warmup_epochs:
+            rates.append(lr * (warmup_start + (1 - warmup_start) * epoch / warmup_epochs))
+        else:
+            rates.append(lr * gamma ** sum(epoch >= drop for drop in drops))
+    return rates
+
+
+RELEASED_EVAL = (224, 224, "bilinear")  # (val_resize_size, val_crop_size, interpolation)
+PYTORCH_EXAMPLE_EVAL = (256, 224, "bilinear")
+PAPER_IMAGENET = (lr_per_epoch(0.1, 120, (30, 60, 90)), PYTORCH_EXAMPLE_EVAL)
+PAPER_CIFAR = lr_per_epoch(0.1, 200, (100, 150))  # a CIFAR-100 YAML's row: (PAPER_CIFAR, its eval preset)
+EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
+    "baseline": (lr_per_epoch(0.1, 90, (30, 60)), RELEASED_EVAL),
+    "logits": (lr_per_epoch(0.1, 120, (30, 60, 90)), RELEASED_EVAL),
+    "cakd": (lr_per_epoch(0.1, 120, (35, 65, 95), warmup_epochs=5), RELEASED_EVAL),
+    "paper_setup": PAPER_IMAGENET,
+    "cakd_paper": PAPER_IMAGENET,
+    "ablation_logits": PAPER_IMAGENET,
+    "ablation_gl": PAPER_IMAGENET,
+    "ablation_pca": PAPER_IMAGENET,
+    "ablation_robust": PAPER_IMAGENET,
+    # CIFAR-100 (paper.md): images resized to the teacher's 224 input for training and evaluation
+    "cifar100_baseline": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_logits": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_cakd": (PAPER_CIFAR, (224, 224, "bilinear")),
+    # the teacher's fine-tuning (ours, the paper gives none): lr 0.003, one linear warmup epoch from
+    # 1% of it, then a cosine decay over the other 9 epochs
+    "cifar100_teacher": ([0.003 * 0.01] + [0.003 * (1 + math.cos(math.pi * k / 9)) / 2 for k in range(9)], (224, 224, "bilinear")),
+}
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_config_has_the_schedule_and_eval_preset_of_its_text(path):
+    """The trainer's scheduler (stepped once per epoch) gives each epoch the lr of the text."""
+    name = os.path.basename(path)[: -len(".yaml")]
+    if name not in EXPECTED:
+        pytest.fail(f"configs/{name}.yaml has no row in EXPECTED: write its lr per epoch and eval preset from the texts")
+    rates, eval_preset = EXPECTED[name]
+    args = parse_args(["--config", path])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    scheduler = build_scheduler(optimizer, lr_min=args.lr_min, **schedule_options(args))
+    got = []
+    for _ in range(args.epochs):
+        got.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert len(got) == len(rates), f"{args.epochs} epochs, the text says {len(rates)}"
+    wrong = [(epoch, a, b) for epoch, (a, b) in enumerate(zip(got, rates)) if not math.isclose(a, b, rel_tol=1e-9)]
+    assert not wrong, f"(epoch, lr, text's lr): {wrong[:5]}"
+    assert (args.val_resize_size, args.val_crop_size, args.interpolation) == eval_preset
 
 
 def test_typos_are_one_line_naming_the_nearest_flag_or_key(tmp_path, capsys):

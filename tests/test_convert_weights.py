@@ -112,7 +112,7 @@ def full_size(name, fill):
 
 
 def test_script_writes_a_deit_b_that_loads_strictly(tmp_path, capsys):
-    """A full-size random DeiT-B in the release's ``{"model": ...}`` wrapping, end to end."""
+    """A full-size random DeiT-B in the release's ``{"model": ...}`` wrapping, end to end, into the teacher."""
     generator = torch.Generator().manual_seed(0)
     state = full_size("deit_base_patch16_224", lambda shape: torch.randn(shape, generator=generator))
     torch.save({"model": state}, tmp_path / "deit.pth")
@@ -120,8 +120,7 @@ def test_script_writes_a_deit_b_that_loads_strictly(tmp_path, capsys):
     out.write_bytes(b"an older file")  # replaced, as asked with --force
     code, stdout, err = call(["--arch", "deit_b", "--input", tmp_path / "deit.pth", "--output", out, "--force"], capsys)
     assert code == 0 and err == [] and stdout.startswith(f"wrote {out}")
-    model = cakd.models.deit_b()
-    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    model = cakd.build_teacher("deit_b", weights=str(out))  # loads strictly, as --teacher deit_b --teacher-weights OUT
     assert torch.equal(model.encoder.layers.encoder_layer_7.self_attention.in_proj_weight, state["blocks.7.attn.qkv.weight"])
     assert torch.equal(model.encoder.pos_embedding, state["pos_embed"])
     assert torch.equal(model.heads.head.bias, state["head.bias"])

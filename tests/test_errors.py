@@ -9,7 +9,8 @@ from conftest import tiny_vit
 def test_grids_that_cannot_be_matched():
     student = cakd.build_student("resnet18", num_classes=10)
     teacher = tiny_vit(image_size=224, patch_size=14)  # 16x16 tokens; ResNet stages are 56/28/14/7
-    with pytest.raises(ValueError, match=r"no student stage matches the teacher's 16x16 token grid"):
+    with pytest.raises(ValueError, match=r"no stage of the ResNet student gives the teacher's 16x16 token grid at 224x224 "
+                       r"input; its stages give .*14x14 \(layer3\), 7x7 \(layer4\)"):
         cakd.build_distiller("cakd", student, teacher)
 
 
@@ -57,9 +58,9 @@ def test_unknown_names(call, message):
 
 def test_wrong_model_types(small_pair):
     student, teacher = small_pair
-    with pytest.raises(TypeError, match="teacher must be a torchvision VisionTransformer"):
+    with pytest.raises(TypeError, match="teacher must be a torchvision VisionTransformer or SwinTransformer"):
         cakd.build_distiller("cakd", student, student)
-    with pytest.raises(TypeError, match="student must be a torchvision ResNet"):
+    with pytest.raises(ValueError, match="the cakd recipe distils into a CNN's feature map: use a CNN student"):
         cakd.build_distiller("cakd", teacher, teacher)
 
 

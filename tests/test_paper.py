@@ -14,7 +14,7 @@ import cakd
 from cakd.train.config import distiller_overrides, parse_args
 from cakd.distillers import CAKDConfig, make_config
 from cakd.train.engine import training_step
-from cakd.multiview import MultiViewGenerator
+from cakd.multiview import TRANSFORMS, MultiViewGenerator
 from cakd.projectors import PartialCrossAttentionProjector, partial_cross
 from conftest import tiny_vit
 from reference_impl import group_projector, make_small_pair, split_heads_loop, student_forward, teacher_forward
@@ -23,9 +23,9 @@ from test_train import small_flags, torchrun
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = dict(  # configs/cakd_paper.yaml's distiller values
     pca_form="paper", pca_swap_prob=0.5, pca_qk_weight=1.0, pca_vv_weight=1.0, gl_dropout=0.1, feature_weight=1.0,
-    use_logits=False, use_token=False, use_cls=True, multiview_prob=0.5, disc_form="mlp", disc_every=5,
-    disc_real_grad=True, disc_loss_weight=1.0, disc_lr_factor=0.01, adv_form="saturating", lambda_form="constant",
-    lambda_constant=0.1, lambda_scope="adversarial",
+    use_logits=True, logits_weight=1.0, use_token=False, use_cls=True, multiview_prob=0.5, disc_form="mlp",
+    disc_every=5, disc_real_grad=True, disc_loss_weight=1.0, disc_lr_factor=0.01, adv_form="saturating",
+    lambda_form="constant", lambda_constant=0.1, lambda_scope="adversarial", use_pca=True, use_adv=True,
 )
 
 
@@ -73,6 +73,98 @@ def test_multiview_changes_about_half_the_samples_and_nothing_else():
     assert torch.equal(views[~changed], images[~changed])  # untouched samples: bit for bit
     assert torch.isfinite(views).all()
     assert torch.equal(generator.eval()(images), images)  # eval: no views
+
+
+MEAN_STD = [torch.tensor(v).view(1, 3, 1, 1) for v in (cakd.models.IMAGENET_MEAN, cakd.models.IMAGENET_STD)]
+
+
+def test_multiview_draws_in_the_documented_order_and_clamps_as_torchvision():
+    """Training views: the draws are the documented sequence of torch's global generator (so
+    seeded and resumed runs repeat them); jitter is torchvision's adjust_brightness, _contrast,
+    _saturation per sample; mask and noise as written; every view within [0, 1] pixels."""
+    from torchvision.transforms.v2 import functional as TF
+
+    B, H, W = 200, 12, 16
+    mean, std = MEAN_STD
+    torch.manual_seed(0)
+    pixels = torch.rand(B, 3, H, W)
+    images = (pixels - mean) / std
+    torch.manual_seed(3)
+    views = MultiViewGenerator(0.5).train()(images)
+    after = torch.get_rng_state()
+
+    torch.manual_seed(3)  # the documented draws, written out
+    chosen, kind = torch.rand(B) < 0.5, torch.randint(5, (B,))  # kind: jitter, crop, rotate, mask, noise
+    u = lambda low, high: low + (high - low) * torch.rand(B)  # noqa: E731
+    [torch.rand(B) for _ in range(5)]  # crop: area, aspect, x, y; rotate: angle
+    factors = [u(0.6, 1.4) for _ in range(3)]
+    side_h, side_w = u(0.125, 0.5) * H, u(0.125, 0.5) * W
+    top, left = u(0, 1) * (H - side_h), u(0, 1) * (W - side_w)
+    noise = torch.randn(B, 3, H, W)
+    assert torch.equal(torch.get_rng_state(), after)
+
+    out = views * std + mean
+    assert torch.equal(views[~chosen], images[~chosen])
+    assert out[chosen].min() >= -1e-6 and out[chosen].max() <= 1 + 1e-6
+    rows, cols = torch.arange(H).view(H, 1), torch.arange(W).view(1, W)
+    for i in torch.nonzero(chosen).flatten().tolist():
+        p = pixels[i]
+        if kind[i] == 0:
+            expected = TF.adjust_brightness(p, factors[0][i].item())
+            expected = TF.adjust_saturation(TF.adjust_contrast(expected, factors[1][i].item()), factors[2][i].item())
+        elif kind[i] == 3:
+            inside = (rows >= top[i]) & (rows < top[i] + side_h[i]) & (cols >= left[i]) & (cols < left[i] + side_w[i])
+            expected = torch.where(inside, 0.0, p)
+        elif kind[i] == 4:
+            expected = (p + 0.1 * noise[i]).clamp(0, 1)
+        else:
+            continue
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=2e-6)
+
+
+def test_eval_views_are_seeded_per_image_and_leave_the_global_generator_alone():
+    generator = MultiViewGenerator()  # training mode or not: view() transforms every image
+    mean, std = MEAN_STD
+    torch.manual_seed(0)
+    images = (torch.rand(6, 3, 16, 16) - mean) / std
+    for name in TRANSFORMS:
+        state = torch.get_rng_state()
+        whole = generator.view(images, name, range(10, 16))
+        assert torch.equal(torch.get_rng_state(), state), name
+        split = torch.cat([generator.view(images[:2], name, [10, 11]), generator.view(images[2:], name, range(12, 16))])
+        assert torch.equal(whole, split), name  # an image's view does not depend on its batch
+        assert torch.equal(whole, generator.view(images, name, range(10, 16))), name
+        assert not torch.equal(whole, generator.view(images, name, range(10, 16), seed=1)), name
+        assert not torch.equal(whole[:3], generator.view(images[:3], name, range(20, 23))), name
+        assert (whole != images).flatten(1).any(dim=1).all(), name  # every image transformed
+        pixels = whole * std + mean
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, name
+
+
+def test_evaluate_views_feeds_each_image_its_seeded_view():
+    """The noisy evaluation: every image once clean and once per transform, image i with the
+    view seeded by i; accuracies counted per pass, and their mean over the transforms."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from cakd.train.engine import evaluate_views
+
+    mean, std = MEAN_STD
+    torch.manual_seed(0)
+    images, targets = (torch.rand(7, 3, 8, 8) - mean) / std, torch.arange(7) % 3
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x.flatten(1)[:, :3]  # 3 classes: top-5 is always 100
+
+    results = evaluate_views(Probe(), DataLoader(TensorDataset(images, targets), batch_size=3), torch.device("cpu"), seed=2)
+    passes = [torch.cat(seen[j::6]) for j in range(6)]  # 3 batches, each clean then the 5 views
+    assert torch.equal(passes[0], images)
+    for j, name in enumerate(TRANSFORMS, start=1):
+        assert torch.equal(passes[j], MultiViewGenerator().view(images, name, range(7), seed=2)), name
+        top1 = 100.0 * (passes[j].flatten(1)[:, :3].argmax(dim=1) == targets).double().mean().item()
+        assert results[f"views_{name}_acc1"] == pytest.approx(top1) and results[f"views_{name}_acc5"] == 100.0
+    assert results["views_mean_acc1"] == pytest.approx(sum(results[f"views_{n}_acc1"] for n in TRANSFORMS) / 5)
 
 
 def test_multiview_reaches_the_student_only(small_pair, batch):
@@ -189,7 +281,7 @@ def paper_losses(student, teacher, conv_w, conv_b, gl_w, gl_b, d_weights, images
     return dict(cls=L_cls, pca=L_proj1, gl=L_proj2, adv=L_MVG, disc=L_D, total=total)
 
 
-@pytest.mark.parametrize("use_logits, adv_form", [(False, "saturating"), (True, "non_saturating")])
+@pytest.mark.parametrize("use_logits, adv_form", [(True, "saturating"), (False, "non_saturating")])  # the first: cakd_paper.yaml
 def test_paper_losses_match_a_plain_recomputation(use_logits, adv_form):
     student, teacher = make_small_pair(image_size=96)  # 6x6 grid, 4 groups, 2 heads of 16
     reference_student = copy.deepcopy(student)
@@ -262,8 +354,9 @@ def test_paper_yamls_parse_and_share_the_training_set_up(name):
     if name in ("ablation_gl", "ablation_pca", "ablation_robust"):
         assert config.use_logits and not config.use_token and config.gl_dropout == 0.1
         assert config.use_pca == (name != "ablation_gl") and config.use_adv == (name == "ablation_robust")
-    if name == "ablation_robust":  # the paper recipe plus the logits term
-        assert {k: getattr(config, k) for k in PAPER if k != "use_logits"} == {k: v for k, v in PAPER.items() if k != "use_logits"}
+    if name == "ablation_robust":  # Figure 3's C5 and C6: the full method, the very run of cakd_paper.yaml
+        full = vars(parse_args(["--config", os.path.join(ROOT, "configs", "cakd_paper.yaml")]))
+        assert {k: v for k, v in mine.items() if k != "config"} == {k: v for k, v in full.items() if k != "config"}
     # the run script's --config comes first, so a later one (an ablation) wins
     assert parse_args(["--config", os.path.join(ROOT, "configs", "cakd_paper.yaml"), "--config", path]).recipe == args.recipe
 

@@ -16,6 +16,7 @@ import torch
 import torchvision
 
 from make_image_folder import make_image_folder
+from cakd.multiview import TRANSFORMS
 from cakd.train import main as train_main
 from test_train import free_port, small_flags
 
@@ -32,7 +33,7 @@ def load_script(name):
     return module
 
 
-SCRIPTS = {name: load_script(name) for name in ("evaluate", "export", "attention_maps", "summarize")}
+SCRIPTS = {name: load_script(name) for name in ("evaluate", "export", "attention_maps", "summarize", "transferability")}
 
 
 def call(name, argv, capsys):
@@ -44,11 +45,12 @@ def call(name, argv, capsys):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64)."""
+    """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64),
+    evaluated also on the multi-view transforms (``--eval-views``)."""
     root = tmp_path_factory.mktemp("scripts")
     data = make_image_folder(str(root / "data"), num_classes=7, train_per_class=3, val_per_class=3, size=72)
     out = str(root / "run")
-    assert train_main(small_flags("cakd", data, out, epochs=1)) == 0
+    assert train_main(small_flags("cakd", data, out, epochs=1) + ["--eval-views"]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         record = json.loads(f.read().splitlines()[-1])
     checkpoint = os.path.join(out, "checkpoint.pth")
@@ -85,7 +87,7 @@ def released_checkpoint(trained, path):
         return state
 
     ema = {k[len("module."):]: v for k, v in ckpt["model_ema"].items() if k != "n_averaged"}
-    args = argparse.Namespace(model="resnet18", val_resize_size=64, val_crop_size=64, batch_size=4, data_path=trained.data,
+    args = argparse.Namespace(model="resnet18", train_crop_size=64, val_resize_size=64, val_crop_size=64, batch_size=4, data_path=trained.data,
                               interpolation="bilinear", teacher="vit_b_16", teacher_weights="none", seed=0)
     model_ema = {"n_averaged": ckpt["model_ema"]["n_averaged"], **{"module." + k: v for k, v in released(ema).items()}}
     torch.save({"model": released(ckpt["model"]), "model_ema": model_ema, "optimizer": {}, "lr_scheduler": {},
@@ -120,11 +122,31 @@ def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
         assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
 
 
+VIEW_KEYS = [f"views_{name}_{k}" for name in TRANSFORMS + ("mean",) for k in ("acc1", "acc5")]
+
+
+def test_evaluate_views_agree_with_the_trainer_whatever_the_batch(trained, tmp_path, capsys):
+    """--views: the clean and per-transform numbers are the trainer's --eval-views ones, with the
+    run's batch size (4) and another (5): each image's view is seeded by its index."""
+    r = trained.record
+    for batch_size in (4, 5):
+        numbers = tmp_path / "views.json"
+        argv = ["--checkpoint", trained.checkpoint, "--views", "--batch-size", batch_size, "--workers", 0, "--json", numbers]
+        code, out, err = call("evaluate", argv, capsys)
+        assert code == 0, err
+        assert trainer_line("Test:", r["acc1"], r["acc5"]) in out
+        assert f"Test: view noise Acc@1 {r['views_noise_acc1']:.3f} Acc@5 {r['views_noise_acc5']:.3f} ({VAL_IMAGES} images)" in out
+        written = json.loads(numbers.read_text())
+        assert {key: written[key] for key in VIEW_KEYS} == {key: r[key] for key in VIEW_KEYS}, batch_size
+        assert written["views_seed"] == 0
+
+
 def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
+    """With --views too: the 2 processes' shards give the single process's numbers."""
     numbers = tmp_path / "ema.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), os.path.join(ROOT, "scripts", "evaluate.py"), "--checkpoint",
-           trained.checkpoint, "--which", "ema", "--device", "cpu", "--workers", "0", "--json", str(numbers)]
+           trained.checkpoint, "--which", "ema", "--device", "cpu", "--workers", "0", "--json", str(numbers), "--views"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     r = trained.record
@@ -132,6 +154,7 @@ def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
     assert "2 process(es)" in result.stdout and result.stdout.count("Test: EMA Acc@1") == 1  # rank 0 prints
     written = json.loads(numbers.read_text())
     assert (written["acc1"], written["acc5"]) == (r["ema_acc1"], r["ema_acc5"])
+    assert {key: written[key] for key in VIEW_KEYS} == {key: r["ema_" + key] for key in VIEW_KEYS}
 
 
 def test_evaluate_the_teacher_and_bad_input(trained, tmp_path, capsys):
@@ -191,6 +214,30 @@ def test_export_round_trips_with_identical_logits(trained, tmp_path, capsys):
     assert set(os.listdir(tmp_path)) == {"student.pth", "ema.pth"}  # no temporary file left behind
 
 
+@pytest.mark.parametrize("breakage", ["key dropped", "tensor altered"])
+def test_export_check_refuses_a_broken_export(trained, tmp_path, capsys, monkeypatch, breakage):
+    """The check compares the export with the checkpoint's distiller (or the trainer's EMA
+    wrapper), not with the export itself: a broken export is refused and nothing is written."""
+    export = SCRIPTS["export"]
+    good = export.exported_state
+
+    def broken(checkpoint, which):
+        state = good(checkpoint, which)
+        if breakage == "key dropped":
+            del state["layer3.0.bn1.running_var"]
+        else:
+            state["layer3.0.bn1.running_var"] = state["layer3.0.bn1.running_var"] * 1.01
+        return state
+
+    monkeypatch.setattr(export, "exported_state", broken)
+    message = "does not load into torchvision.models.resnet18" if breakage == "key dropped" else "gives other logits"
+    for which in ("student", "ema"):
+        path = tmp_path / f"{which}.pth"
+        code, out, err = call("export", ["--checkpoint", trained.checkpoint, "--which", which, "--output", path], capsys)
+        assert code == 1 and len(err) == 1 and message in err[0], (which, err)
+        assert not path.exists()
+
+
 def test_export_command_line_error_is_one_line(tmp_path):
     """Run as ``python scripts/export.py``: bad input is one ``error:`` line and status 1."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--checkpoint",
@@ -206,31 +253,67 @@ def test_export_command_line_error_is_one_line(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_attention_maps_png(trained, tmp_path, capsys):
     png = tmp_path / "maps" / "attention.png"
-    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", png, "--num-images", 3,
-                                             "--cell", 40, "--pad", 3], capsys)
+    code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", png, "--num-images", 3], capsys)
     assert code == 0, err
     image = decode_png(png)
-    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 3 * 40 + 4 * 3, 3 * 40 + 4 * 3)
-    first_teacher_cell = image[:, 3 : 3 + 40, 3 : 3 + 40].float()
-    assert first_teacher_cell.std() > 0  # a map, not a blank cell
-    assert out.count("row ") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
+    # matplotlib: 12 x (2.8 rows + 0.4) inches at 100 dpi; an image and its three maps per row
+    assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (880, 1200) and image.float().std() > 20
+    assert "(1200x880 px, 3 rows: image | teacher | student | |difference|)" in out
+    assert out.count("teacher|student scale") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
 
     # the same weights in the released layout draw the same picture (the random teacher is redrawn from the seed)
     released = released_checkpoint(trained, str(tmp_path / "released.pth"))
     again = tmp_path / "released.png"
-    code, out, err = call("attention_maps", ["--checkpoint", released, "--output", again, "--num-images", 3,
-                                             "--cell", 40, "--pad", 3], capsys)
+    code, out, err = call("attention_maps", ["--checkpoint", released, "--output", again, "--num-images", 3], capsys)
     assert code == 0, err
     assert again.read_bytes() == png.read_bytes()
 
     code, out, err = call("attention_maps", ["--checkpoint", trained.checkpoint, "--output", again, "--num-images", 1,
-                                             "--cell", 16, "--pad", 0, "--batch-stats"], capsys)
-    assert code == 0 and tuple(decode_png(again).shape) == (3, 16, 48) and "batch statistics" in out
+                                             "--batch-stats"], capsys)
+    assert code == 0 and tuple(decode_png(again).shape[1:]) == (320, 1200) and "batch statistics" in out
 
     exported = str(tmp_path / "student.pth")
     assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
     code, out, err = call("attention_maps", ["--checkpoint", exported, "--output", tmp_path / "x.png"], capsys)
     assert code == 1 and len(err) == 1 and "holds no projectors" in err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# transferability.py
+# ----------------------------------------------------------------------------------------------
+def test_transferability_matches_a_plain_recomputation(trained, tmp_path, capsys):
+    """Figure 3(b) on the tiny run, against the hook-free reference: the run's random teacher
+    drawn again from its seed, layer3 tokens of the trained student, the group-wise projector
+    applied per group, a least-squares map fitted with torch.linalg.lstsq."""
+    from reference_impl import group_projector, student_forward, teacher_forward
+
+    from cakd.train.data import ClassificationPresetEval
+
+    numbers = tmp_path / "transfer.json"
+    code, out, err = call("transferability", ["--checkpoint", trained.checkpoint, "--workers", 0, "--json", numbers], capsys)
+    assert code == 0, err
+    got = json.loads(numbers.read_text())
+    assert got["images"] == VAL_IMAGES and got["tokens"] == VAL_IMAGES * 16 and "mean cosine" in out
+
+    ckpt = torch.load(trained.checkpoint, weights_only=True)
+    torch.manual_seed(0)  # the trainer's order: student, then the random teacher
+    student = torchvision.models.resnet18(num_classes=7)
+    teacher = torchvision.models.vit_b_16(image_size=64, num_classes=7).eval()
+    student.load_state_dict(ckpt["model"])
+    student.eval()
+    val = torchvision.datasets.ImageFolder(os.path.join(trained.data, "val"), transform=ClassificationPresetEval(64, 64))
+    images = torch.stack([image for image, _ in val])
+    with torch.no_grad():
+        f_t = teacher_forward(teacher, images)["f_T"].flatten(0, 1).double()
+        tokens = student_forward(student, images, 4)[0].flatten(2).transpose(1, 2)
+        projectors = ckpt["projectors"]
+        h_s = group_projector(tokens, list(projectors["gl_proj.weight"]), list(projectors["gl_proj.bias"]), 4, 4)
+    x = torch.cat([tokens.flatten(0, 1), torch.ones(len(f_t), 1)], dim=1).double()
+    direct = x @ torch.linalg.lstsq(x, f_t).solution
+    cosine = torch.nn.functional.cosine_similarity
+    assert got["cakd"] == pytest.approx(cosine(h_s.flatten(0, 1).double(), f_t, dim=-1).mean().item(), abs=1e-4)
+    assert got["direct_mapping"] == pytest.approx(cosine(direct, f_t, dim=-1).mean().item(), abs=1e-4)
+    assert got["direct_mapping"] > got["cakd"]  # 336 tokens, 257 inputs: a map fitted on them is close to exact
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +329,7 @@ def synthesized_run(folder, recipe, epochs, records):
     return folder
 
 
-def test_summarize_table_and_plot(trained, tmp_path, capsys):
+def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
     baseline = synthesized_run(str(tmp_path / "baseline"), "baseline", 90, [
@@ -268,16 +351,30 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys):
     code, out, err = call("summarize", [baseline, logits, trained.out, "--plot", png, "--plot-size", "500x300"], capsys)
     assert code == 0, err
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
-    assert rows[baseline].split(" | ")[1:] == ["baseline", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–", "73.82 / 91.97 |"]
-    assert rows[logits].split(" | ")[1:] == ["logits", "2/120", "35.50 / 35.50", "66.25 / 66.25", "30.50 / 30.50",
-                                             "60.00 / 60.00", "74.48 / 92.29 |"]
+    assert rows[baseline].split(" | ")[1:] == ["baseline", "resnet50", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–",
+                                               "released README 73.82 / 91.97; paper 76.28 / 93.03 |"]
+    assert rows[logits].split(" | ")[1:] == ["logits", "resnet50 <- vit_b_16", "2/120", "35.50 / 35.50", "66.25 / 66.25",
+                                             "30.50 / 30.50", "60.00 / 60.00",
+                                             "released README 74.48 / 92.29; paper 77.02 / 93.40 |"]
     r = trained.record
     cells = rows[trained.out].split(" | ")[1:]
-    assert cells[:3] == ["cakd", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
-    assert cells[4] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "76.21 / 93.09 |"
+    assert cells[:4] == ["cakd", "resnet18 <- vit_b_16", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
+    assert cells[5] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "paper 71.73 / 90.41 |"  # Table 3
     image = decode_png(png)
-    assert tuple(image.shape) == (3, 300, 500) and (image != 255).any()
-    assert "1. " + baseline + ": blue" in out and "3. " + trained.out + ": green" in out
+    assert tuple(image.shape[1:]) == (300, 500) and (image[:3] != 255).any()
+    # what the picture says: axes, a legend of run names, each run's published top-1 as a dashed line
+    summarize = SCRIPTS["summarize"]
+    fig = summarize.plot([summarize.read_run(run) for run in (baseline, logits)], 500, 300)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "top-1 accuracy (%)")
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert legend == [baseline, f"{baseline}: paper 76.28", logits, f"{logits} (EMA)", f"{logits}: paper 77.02"]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_ydata()[0] for line in dashed] == [76.28, 77.02]
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plots] extra were not installed
+    code, out, err = call("summarize", [baseline, "--plot", png], capsys)
+    assert code == 1 and err == ['error: this picture needs matplotlib, an optional extra: pip install -e ".[plots]" (or pip install matplotlib)']
 
     code, out, err = call("summarize", [str(tmp_path / "nowhere")], capsys)
     assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]

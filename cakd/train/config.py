@@ -89,11 +89,23 @@ def get_args_parser(add_help=True):
         type=str,
         help="torchvision weights enum member (cached download), a local .pth file, or none (random, smoke runs only)",
     )
-    g.add_argument("--weights", default=None, type=_optional_str, help="student weights to evaluate with --test-only")
+    g.add_argument(
+        "--weights",
+        default=None,
+        type=_optional_str,
+        help="student weights: a weights enum member or .pth that initialises training (a classifier of another class "
+        "count starts afresh), or the checkpoint/export to evaluate with --test-only",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str, help="dataset path")
-    g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "synthetic"], help="data source")
+    g.add_argument(
+        "--dataset",
+        default="imagefolder",
+        choices=["imagefolder", "cifar100", "synthetic"],
+        help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images",
+    )
+    g.add_argument("--download", action="store_true", help="cifar100: fetch the dataset into --data-path first (once)")
     g.add_argument("--synthetic-size", default=1024, type=int, help="training images of --dataset synthetic")
     g.add_argument("--num-classes", default=None, type=int, help="classes of --dataset synthetic (default 1000)")
     g.add_argument("-b", "--batch-size", default=32, type=int, help="images per gpu, the total batch size is $NGPU x batch_size")
@@ -152,6 +164,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")
+    g.add_argument(
+        "--eval-views", action="store_true", help="also evaluate on each multi-view transform of every image (Figure 3 C4/C5)"
+    )
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--world-size", default=1, type=int, help="number of distributed processes (set by torchrun)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")

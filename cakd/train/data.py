@@ -46,7 +46,11 @@ class DataError(Exception):
 # Presets
 # ----------------------------------------------------------------------------------------------
 class ClassificationPresetTrain:
-    """Training transform of the reference recipe: PIL image in, normalized (3, crop, crop) float out."""
+    """Training transform of the reference recipe: PIL image in, normalized (3, crop, crop) float out.
+
+    ``padded_crop`` (small images such as CIFAR's 32x32): a random crop of that size after 4
+    pixels of zero padding, then a resize to ``crop_size``, instead of the random resized crop.
+    """
 
     def __init__(
         self,
@@ -59,8 +63,12 @@ class ClassificationPresetTrain:
         ra_magnitude=9,
         augmix_severity=3,
         random_erase_prob=0.0,
+        padded_crop=None,
     ):
-        transforms = [v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
+        if padded_crop:
+            transforms = [v2.RandomCrop(padded_crop, padding=4), v2.Resize(crop_size, interpolation=interpolation, antialias=True)]
+        else:
+            transforms = [v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
         if hflip_prob > 0:
             transforms.append(v2.RandomHorizontalFlip(hflip_prob))
         if auto_augment_policy is not None:
@@ -259,6 +267,30 @@ def _image_folder(split_dir, transform, cache):
     return dataset
 
 
+def _cifar100(args, train_transform, val_transform):
+    """torchvision's own ``CIFAR100`` from ``args.data_path`` (its ``cifar-100-python/``), fetched
+    first with ``--download`` (by rank 0, the other ranks waiting)."""
+    root = args.data_path
+    where = f"{root}/cifar-100-python/ (train, test, meta)"
+    if args.download:
+        try:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                torchvision.datasets.CIFAR100(root, train=True, download=True)
+        except OSError as error:  # URLError, no space, no permission
+            raise DataError(f"could not download CIFAR-100 into {root} ({type(error).__name__}: {error}): put {where} there by hand") from None
+        if dist.is_initialized():
+            dist.barrier()
+    try:
+        train = torchvision.datasets.CIFAR100(root, train=True, transform=train_transform)
+        val = torchvision.datasets.CIFAR100(root, train=False, transform=val_transform)
+    except RuntimeError:  # "Dataset not found or corrupted"
+        raise DataError(
+            f"no CIFAR-100 in {root}: expected {where}; pass --download to fetch it there (about 170 MB) "
+            "or point --data-path at the folder that holds cifar-100-python/"
+        ) from None
+    return train, val
+
+
 def build_datasets(args):
     """Return ``(train_dataset, val_dataset, num_classes)`` for ``args.dataset``."""
     if args.dataset == "synthetic":
@@ -266,10 +298,9 @@ def build_datasets(args):
         train = SyntheticImageDataset(args.synthetic_size, num_classes, args.train_crop_size, seed=0)
         val = SyntheticImageDataset(max(1, args.synthetic_size // 4), num_classes, args.val_crop_size, seed=1)
         return train, val, num_classes
-    if args.dataset != "imagefolder":
-        raise ValueError(f"unknown dataset {args.dataset!r}: use 'imagefolder' or 'synthetic'")
+    if args.dataset not in ("imagefolder", "cifar100"):
+        raise ValueError(f"unknown dataset {args.dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
 
-    train_dir, val_dir = _check_layout(args.data_path)
     interpolation = InterpolationMode(args.interpolation)
     train_transform = ClassificationPresetTrain(
         crop_size=args.train_crop_size,
@@ -278,10 +309,18 @@ def build_datasets(args):
         ra_magnitude=args.ra_magnitude,
         augmix_severity=args.augmix_severity,
         random_erase_prob=args.random_erase,
+        padded_crop=32 if args.dataset == "cifar100" else None,
     )
     val_transform = ClassificationPresetEval(
         crop_size=args.val_crop_size, resize_size=args.val_resize_size, interpolation=interpolation
     )
+    if args.dataset == "cifar100":
+        if not args.data_path:
+            raise DataError("no data path given: pass --data-path, the folder that holds (or, with --download, will hold) cifar-100-python/")
+        train, val = _cifar100(args, train_transform, val_transform)
+        return train, val, len(train.classes)
+
+    train_dir, val_dir = _check_layout(args.data_path)
     train = _image_folder(train_dir, train_transform, args.cache_dataset)
     val = _image_folder(val_dir, val_transform, args.cache_dataset)
     if train.classes != val.classes:  # only a stale cache can get here

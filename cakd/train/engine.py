@@ -12,6 +12,8 @@ import time
 import torch
 from torch import nn
 
+from ..multiview import TRANSFORMS, MultiViewGenerator
+from .data import ShardSampler
 from .distributed import any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
 from .signals import StopRequest, sigterm_held  # noqa: F401  (StopRequest: imported from here too)
@@ -192,3 +194,48 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
     if math.isnan(acc1):
         raise TrainingError("evaluation produced no numbers: is the validation set empty?")
     return acc1, acc5
+
+
+@torch.no_grad()
+def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100,
+                   header="Test:"):
+    """Top-1 / top-5 on the clean images and on each multi-view transform applied to every
+    image, and the transforms' mean (the noisy evaluation of the paper's Figure 3, C4 and C5).
+
+    Returns ``{"acc1", "acc5", "views_<transform>_acc1", ..., "views_mean_acc1", "views_mean_acc5"}``.
+    Image ``i`` of the loader's (ordered) sampler gets the view drawn from a generator seeded
+    by ``(seed, transform, i)`` (:meth:`cakd.multiview.MultiViewGenerator.view`): the numbers
+    do not depend on the batch size or the number of processes, and torch's global generator
+    is left alone. One pass over the loader; each batch goes through the model six times.
+    """
+    if not isinstance(loader.sampler, (torch.utils.data.SequentialSampler, ShardSampler)):
+        raise ValueError("evaluate_views needs a loader with an ordered sampler (SequentialSampler or ShardSampler)")
+    model.eval()
+    generator = MultiViewGenerator().to(device)
+    names = ("clean",) + TRANSFORMS
+    accuracy = {name: Accuracy(device) for name in names}
+    order = iter(loader.sampler)
+    logger = MetricLogger()
+    with sigterm_held():
+        batches = iter(loader)
+    for _, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
+        indices = list(itertools.islice(order, images.shape[0]))
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        for name in names:
+            batch = images if name == "clean" else generator.view(images, name, indices, seed)
+            with autocast(amp_dtype, device.type):
+                logits = model(batch.contiguous(memory_format=memory_format))
+            accuracy[name].update(logits.float(), targets)
+    results = {}
+    for name in names:
+        (acc1, acc5), count = accuracy[name].compute()
+        key, label = ("", header) if name == "clean" else (f"views_{name}_", f"{header} view {name}")
+        results[key + "acc1"], results[key + "acc5"] = acc1, acc5
+        print_main(f"{label} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")
+    for k in ("acc1", "acc5"):
+        results[f"views_mean_{k}"] = sum(results[f"views_{name}_{k}"] for name in TRANSFORMS) / len(TRANSFORMS)
+    print_main(f"{header} views mean Acc@1 {results['views_mean_acc1']:.3f} Acc@5 {results['views_mean_acc5']:.3f}")
+    if math.isnan(results["acc1"]):
+        raise TrainingError("evaluation produced no numbers: is the validation set empty?")
+    return results

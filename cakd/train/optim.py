@@ -78,6 +78,8 @@ def build_scheduler(
     elif name == "multisteplr":
         main = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     elif name == "cosineannealinglr":
+        if epochs <= warmup_epochs:
+            raise ValueError(f"the cosine schedule needs more epochs ({epochs}) than warmup epochs ({warmup_epochs})")
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs - warmup_epochs, eta_min=lr_min)
     elif name == "exponentiallr":
         main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
@@ -96,13 +98,12 @@ def build_scheduler(
 
 
 class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
-    """EMA of parameters and buffers: ``ema = decay * ema + (1 - decay) * param``."""
+    """EMA of parameters and buffers, ``ema = decay * ema + (1 - decay) * param`` (torch's
+    ``get_ema_multi_avg_fn``: one foreach lerp per device and dtype)."""
 
     def __init__(self, model, decay, device="cpu"):
-        def ema_avg(averaged, current, num_averaged):
-            return decay * averaged + (1 - decay) * current
-
-        super().__init__(model, device, ema_avg, use_buffers=True)
+        multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+        super().__init__(model, device, multi_avg_fn=multi_avg_fn, use_buffers=True)
         for module in self.module.modules():  # the copy must not feed the student's taps
             module._forward_hooks.clear()
 

@@ -4,14 +4,16 @@ its EMA, its projectors or its teacher; the validation folder with the recipe's 
 the seed README's published numbers; and the one-line error convention of the trainer.
 """
 import argparse
+import dataclasses
 import os
+import warnings
 
 import torch
-import torchvision
 from torchvision.transforms import InterpolationMode
 
 from ..checkpoint import _strip_prefix, split_reference_state_dict
-from ..models import STUDENTS, build_student, build_teacher
+from ..distillers import DISTILLERS, build_distiller
+from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
 from .data import ClassificationPresetEval, DataError, ImageFolder
 from .errors import UserError, one_line, print_error
 from .resume import CheckpointError, load_checkpoint
@@ -27,7 +29,7 @@ PUBLISHED = {
 
 # The eval preset of the three recipes (configs/*.yaml), for files that carry no flags.
 RECIPE_EVAL = {"val_resize_size": 224, "val_crop_size": 224, "interpolation": "bilinear"}
-DEFAULTS = {"model": "resnet50", "teacher": "vit_b_16", "teacher_weights": "IMAGENET1K_V1", "batch_size": 32, "seed": 0}
+DEFAULTS = {"model": "resnet50", "teacher": "vit_b_16", "teacher_weights": "IMAGENET1K_V1", "batch_size": 32, "seed": 0, "train_crop_size": 224}
 
 
 class SourceCheckpoint:
@@ -77,18 +79,18 @@ class SourceCheckpoint:
         return dict(source)
 
     def projector_state(self):
-        """The attention, group-wise and token projectors, keyed as in ``StudentWithProjectors``."""
+        """The attention, group-wise and token projectors, keyed as in ``StudentWithProjectors``
+        (empty for a baseline or logits run, or an exported student)."""
         if self.kind == "cakd":
-            projectors = self.contents.get("projectors") or {}
-        elif self.kind == "released":
-            projectors = split_reference_state_dict(self.contents["model"])[1]
-        else:
-            projectors = {}
-        if not projectors:
-            recipe = self.args.get("recipe")
-            trained = f" (trained with the {recipe} recipe)" if recipe else ""
-            raise UserError(f"{self.path} holds no projectors{trained}: only a cakd-recipe checkpoint has a projected attention map")
-        return dict(projectors)
+            return dict(self.contents.get("projectors") or {})
+        if self.kind == "released":
+            return split_reference_state_dict(self.contents["model"])[1]
+        return {}
+
+    def recipe(self):
+        """The recipe the run was trained with (a released-code checkpoint with projectors: cakd)."""
+        saved = self.args.get("recipe")
+        return saved or ("cakd" if self.projector_state() else "baseline")
 
 
 def pick(checkpoint, name, flag=None):
@@ -111,35 +113,44 @@ def _unwrap_ema(state):
 
 
 def load_student(checkpoint, which="student", model=None):
-    """A torchvision ResNet in eval mode holding the checkpoint's student (or EMA) weights.
+    """A torchvision model in eval mode holding the checkpoint's student (or EMA) weights.
 
-    The architecture is ``model``, else the run's ``--model``, else the one whose keys and
-    shapes the weights have, else resnet50; the class count is read from the ``fc`` weight.
+    The architecture is ``model``, else the run's ``--model``, else the CNN whose keys and
+    shapes the weights have, else resnet50; the class count is read from its classifier.
     """
     state = checkpoint.student_state(which)
-    if "fc.weight" not in state:
-        raise UserError(f"{checkpoint.path}: its {which} weights have no fc.weight, so they are not a torchvision ResNet")
-    num_classes = state["fc.weight"].shape[0]
-    if model is None and "model" not in checkpoint.args:
-        model = infer_student(state)  # an exported file says nothing else about itself
-    arch = pick(checkpoint, "model", model)
-    try:
-        student = build_student(arch, num_classes=num_classes)
-    except ValueError as error:
-        raise UserError(str(error)) from None
+    arch = student_arch(checkpoint, model, state)
+    if arch not in STUDENTS:
+        raise UserError(f"unknown student {arch!r}: choose one of {', '.join(STUDENTS)}")
+    with torch.device("meta"):
+        head = classifier_key(architecture(arch)) + ".weight"
+    if head not in state:
+        raise UserError(f"{checkpoint.path}: its {which} weights have no {head}, so they are not a {arch}: pass --model")
+    student = build_student(arch, num_classes=state[head].shape[0], image_size=pick(checkpoint, "train_crop_size"))
     load_strict(student, state, f"{checkpoint.path} does not fit a {arch} student", "pass --model with the student it was trained as")
     return student.eval()
 
 
+def student_arch(checkpoint, model=None, state=None):
+    """The student's architecture: ``model``, else the run's ``--model``, else the CNN whose
+    keys and shapes the weights have (an exported file says nothing else about itself), else resnet50."""
+    if model is None and "model" not in checkpoint.args:
+        model = infer_student(state if state is not None else checkpoint.student_state("student"))
+    return pick(checkpoint, "model", model)
+
+
 def infer_student(state):
-    """The one ``STUDENTS`` architecture whose state dict has exactly these keys and shapes
-    (built on the meta device: no memory, no init cost), or None."""
+    """The one CNN student whose state dict has exactly these keys and shapes (built on the
+    meta device: no memory, no init cost; a few seconds for all of them), or None."""
     shapes = {key: tuple(value.shape) for key, value in state.items()}
-    num_classes = state["fc.weight"].shape[0]
     found = []
-    for name in STUDENTS:
+    for name in CNN_STUDENTS:
         with torch.device("meta"):
-            candidate = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            candidate = architecture(name)
+            head = classifier_key(candidate) + ".weight"
+            if head not in state:
+                continue
+            candidate = architecture(name, num_classes=state[head].shape[0])
         if {key: tuple(value.shape) for key, value in candidate.state_dict().items()} == shapes:
             found.append(name)
     return found[0] if len(found) == 1 else None
@@ -156,6 +167,36 @@ def load_strict(module, state, what, fix):
         raise UserError(f"{what} ({detail}): {fix}") from None
 
 
+def rebuild_distiller(checkpoint, recipe=None, model=None, teacher=None, teacher_weights=None):
+    """The distiller as the trainer built it, from all the checkpoint saved: its recipe and
+    every distiller switch, the student's trained weights, its projectors, and the teacher
+    (its weights, or the run's random teacher drawn again from the run's seed), at the
+    training crop. ``recipe`` asks for another recipe's structure around the student (e.g.
+    ``cakd`` taps on a baseline run's student): projectors are then left untrained.
+    Returns ``(distiller in eval mode, teacher description)``."""
+    saved = checkpoint.recipe()
+    recipe = recipe or saved
+    student = load_student(checkpoint, "student", model)
+    image_size = pick(checkpoint, "train_crop_size")
+    name, weights = pick(checkpoint, "teacher", teacher), pick(checkpoint, "teacher_weights", teacher_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        built = build_eval_teacher(
+            name, weights, image_size, num_classes_of(student), seed=pick(checkpoint, "seed"), student=pick(checkpoint, "model", model)
+        )
+    fields = {f.name for recipe_class in DISTILLERS.values() for f in dataclasses.fields(recipe_class.config_class)}
+    overrides = {k: v for k, v in checkpoint.args.items() if k in fields and v is not None} if recipe == saved else {}
+    try:
+        distiller = build_distiller(recipe, student, built, image_size=image_size, **overrides)
+    except ValueError as error:
+        raise UserError(f"{checkpoint.path}: {error}") from None
+    projectors = checkpoint.projector_state() if recipe == saved else {}
+    if projectors:
+        state = {**{"student." + k: v for k, v in student.state_dict().items()}, **projectors}
+        load_strict(distiller.trainable, state, f"{checkpoint.path}: its projectors do not fit the rebuilt distiller", "pass the run's --teacher")
+    return distiller.eval(), f"{name} ({weights})"
+
+
 def build_eval_teacher(name, weights, image_size, num_classes, seed=None, student=None):
     """The teacher as the trainer builds it, in eval mode.
 
@@ -163,10 +204,8 @@ def build_eval_teacher(name, weights, image_size, num_classes, seed=None, studen
     of the same class count, as the trainer draws it, so a run's random teacher comes back
     exactly when ``image_size`` is the run's training crop.
     """
-    if str(weights).lower() in ("none", ""):
-        weights = None
     try:
-        if weights is None and seed is not None:
+        if no_weights(weights) and seed is not None:
             torch.manual_seed(seed)
             if student is not None:
                 build_student(student, num_classes=num_classes)

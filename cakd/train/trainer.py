@@ -19,10 +19,10 @@ import torch
 from . import distributed as dist_utils
 from ..checkpoint import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
-from ..models import build_student, build_teacher
+from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
 from .config import disc_lr_factor, distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
-from .engine import StopRequest, TrainingError, evaluate, train_one_epoch, unlearned_parameters
+from .engine import StopRequest, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .errors import UserError, first_to_report, one_line, print_error
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
@@ -40,6 +40,11 @@ class Run:
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
+        if args.recipe == "cakd" and not args.test_only and args.model in CNN_STUDENTS:
+            try:
+                check_pair(args.model, args.teacher, args.train_crop_size)  # before data, student or teacher
+            except ValueError as error:
+                raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(args)
         self.num_classes = num_classes
         self.train_loader, self.val_loader, self.train_sampler = build_loaders(
@@ -47,13 +52,15 @@ class Run:
         )
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
-        student = build_student(args.model, num_classes=num_classes)
+        student = self._student(num_classes)
         teacher = None if args.recipe == "baseline" or args.test_only else self._teacher(num_classes)
         if args.test_only:
             distiller = BaselineDistiller(StudentWithProjectors(student))
         else:
             try:
-                distiller = build_distiller(args.recipe, student, teacher, **distiller_overrides(args))
+                distiller = build_distiller(
+                    args.recipe, student, teacher, image_size=args.train_crop_size, **distiller_overrides(args)
+                )
             except ValueError as error:
                 raise UserError(str(error)) from None
         if args.distributed and args.sync_bn:
@@ -71,7 +78,10 @@ class Run:
             embedding_decay=args.transformer_embedding_decay,
         )
         self.optimizer = build_optimizer(groups, args.opt, args.lr, args.momentum, args.weight_decay)
-        self.lr_scheduler = build_scheduler(self.optimizer, lr_min=args.lr_min, **schedule_options(args))
+        try:
+            self.lr_scheduler = build_scheduler(self.optimizer, lr_min=args.lr_min, **schedule_options(args))
+        except ValueError as error:
+            raise UserError(str(error)) from None
         self.disc_optimizer = self.disc_lr_scheduler = None
         if distiller.discriminator is not None:
             factor = disc_lr_factor(args)
@@ -114,16 +124,31 @@ class Run:
                 "(use_cls or use_logits for the classifier, use_token for the token projector)"
             )
 
+    def _student(self, num_classes):
+        """The student, randomly initialised or (training with ``--weights``) from weights."""
+        args = self.args
+        weights = None if args.test_only else args.weights  # --test-only reads --weights later, as any checkpoint
+        try:
+            student = build_student(args.model, num_classes, weights=weights, image_size=args.train_crop_size)
+        except (ValueError, RuntimeError, FileNotFoundError) as error:
+            raise UserError(str(error)) from None
+        if not no_weights(weights):
+            print_main(f"student {args.model} initialised from {weights} (a classifier of another class count starts afresh)")
+        return student
+
     def _teacher(self, num_classes):
         args = self.args
-        weights = None if str(args.teacher_weights).lower() in ("none", "") else args.teacher_weights
-        if weights is None:
+        random_teacher = no_weights(args.teacher_weights)
+        if random_teacher:
             print_main("warning: --teacher-weights none: a random teacher, for smoke runs only")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 return build_teacher(
-                    args.teacher, weights, image_size=args.train_crop_size, num_classes=None if weights else num_classes
+                    args.teacher,
+                    args.teacher_weights,
+                    image_size=args.train_crop_size,
+                    num_classes=num_classes if random_teacher else None,
                 )
         except (ValueError, RuntimeError, FileNotFoundError) as error:
             raise UserError(str(error)) from None
@@ -222,6 +247,12 @@ class Run:
     def evaluate(self, epoch=None):
         options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
         results = {}
+        if self.args.eval_views:  # clean and each multi-view transform, in one pass (views seeded with 0)
+            results.update(evaluate_views(self.distiller.student, self.val_loader, self.device, header="Test:", **options))
+            if self.ema is not None:
+                ema = evaluate_views(self.ema.module, self.val_loader, self.device, header="Test: EMA", **options)
+                results.update({"ema_" + key: value for key, value in ema.items()})
+            return results
         results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:", **options)
         if self.ema is not None:
             results["ema_acc1"], results["ema_acc5"] = evaluate(

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Table 1 of the paper on CIFAR-100, on one GPU by default: four runs in order, into
+# OUTPUT_DIR (default runs/cifar100_$TEACHER)/{teacher,baseline,logits,cakd}:
+#   1. configs/cifar100_teacher.yaml   fine-tune the teacher from its ImageNet weights;
+#   2. configs/cifar100_baseline.yaml  the student alone;
+#   3. configs/cifar100_logits.yaml    logits distillation from the teacher of step 1;
+#   4. configs/cifar100_cakd.yaml      CAKD from the teacher of step 1.
+# Each run resumes where it stopped (--resume auto): run the script again after a cut, and
+# finished steps are skipped. A SIGTERM to the script's process group (or to every process, as
+# SLURM sends it) lets the current step save, then stops the script instead of starting the next.
+#   DATA_PATH=data/cifar100 sh experiments/run_cifar100.sh --download   # fetches CIFAR-100 once
+# TEACHER (default vit_b_16; vit_l_16, swin_l, ...), TEACHER_WEIGHTS (its ImageNet weights: default
+# IMAGENET1K_V1; swin_l needs scripts/convert_weights.py's file), STUDENT (default: the YAMLs'
+# resnet50), NGPUS (default 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (default 0).
+# Extra flags go to every step.
+set -e
+trap 'echo "SIGTERM: this step saved its checkpoint; run the script again to go on"; exit 0' TERM
+TEACHER=${TEACHER:-vit_b_16}
+OUT=${OUTPUT_DIR:-runs/cifar100_$TEACHER}
+CONFIGS="$(dirname "$0")/../configs"
+run() {
+    python3 -m cakd.train.launch --nproc_per_node="${NGPUS:-1}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+        --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
+        --max-restarts="${MAX_RESTARTS:-0}" -m cakd.train \
+        --data-path "${DATA_PATH:-data/cifar100}" --resume auto "$@"
+}
+run --config "$CONFIGS/cifar100_teacher.yaml" --output-dir "$OUT/teacher" --model "$TEACHER" \
+    --weights "${TEACHER_WEIGHTS:-IMAGENET1K_V1}" "$@"
+for step in baseline logits cakd; do
+    run --config "$CONFIGS/cifar100_$step.yaml" --output-dir "$OUT/$step" ${STUDENT:+--model "$STUDENT"} \
+        --teacher "$TEACHER" --teacher-weights "$OUT/teacher/checkpoint.pth" "$@"
+done
