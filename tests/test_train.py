@@ -12,6 +12,7 @@ import torch
 
 from make_image_folder import make_image_folder
 from cakd.train import main
+from cakd.train.resume import finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,13 +188,14 @@ def test_sigterm_without_workers_resumes_exactly(data_dir, tmp_path):
     assert proc.wait(timeout=120) == 0, "".join(output)[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert 1 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in "".join(output)
+    assert not finished(os.path.join(out, "checkpoint.pth"))  # what run_cifar100.sh asks before its next step
     resumed = subprocess.run(train + flags + ["--resume", os.path.join(out, "checkpoint.pth")], capture_output=True,
                              text=True, env=env, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in resumed.stdout
     uninterrupted = torch.load(os.path.join(full, "checkpoint.pth"), weights_only=True)
     again = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
-    assert again["step"] is None
+    assert again["step"] is None and finished(os.path.join(out, "checkpoint.pth"))
     assert_same_state(uninterrupted, again, skip={".args.output_dir", ".args.workers"})
 
 

@@ -50,3 +50,13 @@ def load_checkpoint(path, training=True):
     if training and missing:
         raise CheckpointError(f"{path} is not a cakd training checkpoint (no {', '.join(missing)})")
     return checkpoint
+
+
+def finished(path):
+    """Whether the run that wrote ``path`` trained its last epoch to the end (not stopped
+    mid-way by a SIGTERM or a crash). Reads the file memory-mapped: no tensor is loaded."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError):
+        return False
+    return checkpoint.get("step") is None and checkpoint["epoch"] + 1 >= checkpoint["args"]["epochs"]
