@@ -3,6 +3,7 @@ torchvision student, and atomic saving."""
 import os
 import re
 import tempfile
+import textwrap
 
 import torch
 
@@ -42,18 +43,27 @@ def split_reference_state_dict(state_dict):
     return student, projectors
 
 
+class StateMismatch(ValueError):
+    """A state dict that does not fit its module, told in one line: what, the detail, the fix."""
+
+
+def load_strict(module, state, what, fix):
+    """``module.load_state_dict(state, strict=True)`` whose failure is one :class:`StateMismatch`
+    line: what did not fit, the first detail torch gives, and what to do."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        detail = textwrap.shorten(details[0] if details else "state dict mismatch", 160, placeholder=" ...")
+        raise StateMismatch(f"{what} ({detail}): {fix}") from None
+
+
 def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=None):
     """Load the released layout into ``distiller``, strictly: student and projector keys must
     be exactly this distiller's (a projector left out would stay random without a word)."""
     student, projectors = split_reference_state_dict(state_dict)
-    try:
-        distiller.student.load_state_dict(student, strict=True)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        raise ValueError(
-            f"checkpoint does not fit the {type(distiller.student).__name__} student "
-            f"({' '.join(line.strip() for line in first[1:3])}): check --student and the class count"
-        ) from None
+    name = type(distiller.student).__name__
+    load_strict(distiller.student, student, f"checkpoint does not fit the {name} student", "check --student and the class count")
     trainable = distiller.trainable
     expected = {k for k in trainable.state_dict() if k.startswith(_PROJECTOR_PREFIXES)}
     if set(projectors) != expected:
@@ -63,11 +73,11 @@ def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=No
             f"unexpected: {', '.join(unexpected) or 'none'}): build the distiller with the switches it was trained with"
         )
     if expected:
-        trainable.load_state_dict({**{"student." + k: v for k, v in student.items()}, **projectors}, strict=True)
+        load_strict(trainable, trainable.joined(student, projectors), "checkpoint projectors do not fit", "check the distiller's switches")
     if discriminator_state_dict is not None:
         if distiller.discriminator is None:
             raise ValueError("a discriminator state was given but this recipe has no discriminator")
-        distiller.discriminator.load_state_dict(_strip_prefix(discriminator_state_dict), strict=True)
+        load_strict(distiller.discriminator, _strip_prefix(discriminator_state_dict), "the discriminator does not fit", "check disc_form")
 
 
 def export_student(model):
@@ -81,11 +91,15 @@ def export_student(model):
 
 def save_atomic(obj, path):
     """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint behind."""
+    never leaves a truncated checkpoint behind. The file gets the mode a plain ``open`` would
+    give it (the user's umask), not the temporary file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

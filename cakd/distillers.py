@@ -122,6 +122,15 @@ class StudentWithProjectors(nn.Module):
         self.cls_proj = cls_proj
         self.taps = StudentTaps(student, stage, head_name(student)) if stage else None
 
+    def projector_state_dict(self):
+        """The projectors' entries of :meth:`state_dict`, keyed as there (the student's left out)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    @staticmethod
+    def joined(student_state, projector_state):
+        """A whole :meth:`state_dict` from the student's own state and :meth:`projector_state_dict`."""
+        return {**{"student." + k: v for k, v in student_state.items()}, **projector_state}
+
     def forward(self, images, teacher=None):
         out = {"logits": self.student(images)}
         if self.taps is not None:

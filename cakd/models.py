@@ -120,7 +120,8 @@ def build_student(name: str, num_classes: int = 1000, weights=None, image_size: 
 def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=None, progress: bool = True):
     """A ViT or Swin teacher in eval mode with frozen parameters.
 
-    ``weights``: None or ``"none"`` (random, for smoke runs), a weights-enum member name such as
+    ``weights``: None (random, with a warning) or ``"none"`` (random, asked for: for smoke
+    runs, no warning), a weights-enum member name such as
     ``"IMAGENET1K_V1"`` (downloaded once into torch's hub cache), or a path to a ``.pth``
     state dict (``swin_l`` and ``deit_b`` have no torchvision weights: convert the official
     release with ``scripts/convert_weights.py``). A ViT's position embeddings are
@@ -151,7 +152,7 @@ def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=No
     model = architecture(name, num_classes or 1000, image_size)
     if state_dict is not None:
         model.load_state_dict(state_dict)
-    else:
+    elif weights is None:
         warnings.warn(f"teacher {name} has random weights: fine for smoke runs, meaningless for distillation")
     return freeze(model)
 

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from cakd.models import IMAGENET_MEAN, IMAGENET_STD, num_classes_of  # noqa: E402
 from cakd.train.figures import pyplot, save  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
@@ -39,7 +40,9 @@ from cakd.train.tools import (  # noqa: E402
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        description="Picture of teacher | student | |difference| attention maps of a cakd checkpoint", allow_abbrev=False
+        description="Picture of teacher | student | |difference| attention maps of a cakd checkpoint",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a cakd-recipe checkpoint.pth / model_N.pth, or a released cakd checkpoint")
     p.add_argument("--output", default="attention_maps.png", help="the PNG to write (default: %(default)s)")

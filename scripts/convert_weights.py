@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from cakd.checkpoint import save_atomic  # noqa: E402
+from cakd.checkpoint import load_strict, save_atomic  # noqa: E402
 from cakd.models import deit_b, swin_l  # noqa: E402
-from cakd.train.tools import UserError, load_strict, run_and_report  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
+from cakd.train.tools import UserError, run_and_report  # noqa: E402
 
 # Buffers the target builds itself from its window size; releases store some of them.
 COMPUTED = ("relative_position_index", "attn_mask")
@@ -72,7 +73,9 @@ VIT_SIZES = {(192, 12, 768): "DeiT-Ti", (384, 12, 1536): "DeiT-S", (768, 12, 307
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        description="Convert an official DeiT-B / Swin-L checkpoint to a torchvision state dict", allow_abbrev=False
+        description="Convert an official DeiT-B / Swin-L checkpoint to a torchvision state dict",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--arch", required=True, choices=["deit_b", "swin_l"], help="the teacher the file is for")
     p.add_argument("--input", required=True, help="the released .pth (bare state dict, or under 'model' / 'state_dict')")

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
 
@@ -30,6 +29,7 @@ from cakd.train import distributed as dist_utils  # noqa: E402
 from cakd.train.data import ShardSampler  # noqa: E402
 from cakd.train.engine import evaluate, evaluate_views  # noqa: E402
 from cakd.train.logging import print_main  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     DEFAULTS,
     RECIPE_EVAL,
@@ -48,7 +48,9 @@ HEADERS = {"student": "Test:", "ema": "Test: EMA", "teacher": "Test: teacher"}
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val", allow_abbrev=False
+        description="Top-1/top-5 of a checkpoint's student, its EMA, or the teacher on DATA/val",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     run = "the run's"  # most defaults come from the flags saved in the checkpoint
     p.add_argument(
@@ -90,11 +92,9 @@ def build_model(args, checkpoint, dataset, crop):
         weights = pick(checkpoint, "teacher_weights", args.teacher_weights)
         if no_weights(weights):
             print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            # checks the class count; a random teacher is the run's own, drawn again from its seed
-            seed, student = pick(checkpoint, "seed"), pick(checkpoint, "model", args.model)
-            teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)
+        # checks the class count; a random teacher is the run's own, drawn again from its seed
+        seed, student = pick(checkpoint, "seed"), pick(checkpoint, "model", args.model)
+        teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)
         return teacher, f"teacher {name} ({weights})"
     student = load_student(checkpoint, args.which, args.model)
     check_class_count(num_classes_of(student), dataset, f"{checkpoint.path} ({args.which})")

@@ -20,14 +20,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from cakd.checkpoint import save_atomic, split_reference_state_dict  # noqa: E402
+from cakd.checkpoint import load_strict, save_atomic, split_reference_state_dict  # noqa: E402
 from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
 from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of  # noqa: E402
 from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
-    load_strict,
     load_student,
     pick,
     run_and_report,
@@ -36,7 +36,11 @@ from cakd.train.tools import (  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Export a checkpoint's student (or EMA) as a plain torchvision state dict")
+    p = argparse.ArgumentParser(
+        description="Export a checkpoint's student (or EMA) as a plain torchvision state dict",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="cakd checkpoint.pth / model_N.pth, or a released-code checkpoint")
     p.add_argument("--which", default="student", choices=["student", "ema"], help="the trained student or its EMA (default: student)")
     p.add_argument("--output", required=True, help="the .pth file to write")

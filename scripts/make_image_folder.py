@@ -12,6 +12,9 @@ import sys
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+from cakd.train.config import HelpFormatter  # noqa: E402
+
 
 def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, size=80, seed=0, fmt="JPEG"):
     """Write the folder and return ``root``."""
@@ -29,7 +32,11 @@ def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, s
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a small ImageNet-style folder of generated images", allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description="Write a small ImageNet-style folder of generated images",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("root", help="the folder to write (train/ and val/ go inside)")
     p.add_argument("--classes", default=4, type=int, help="class folders (default: %(default)s)")
     p.add_argument("--train-per-class", default=24, type=int, help="training images per class (default: %(default)s)")

@@ -23,6 +23,7 @@ import yaml  # noqa: E402
 
 from cakd.train.figures import pyplot, save  # noqa: E402
 from cakd.train.published import published  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import DEFAULTS, UserError, run_and_report  # noqa: E402
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
@@ -30,7 +31,9 @@ METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        description="Markdown table of runs' top-1/top-5 (student and EMA) beside the published numbers", allow_abbrev=False
+        description="Markdown table of runs' top-1/top-5 (student and EMA) beside the published numbers",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl or tensorboard/, and config.yaml)")
     p.add_argument("--plot", default=None, help="also draw top-1 per epoch of every run into this PNG, with matplotlib (default: none)")

@@ -26,6 +26,7 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from cakd.models import num_classes_of  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
@@ -41,7 +42,9 @@ PAPER = {"vit_b_16": (0.78, 0.56), "swin_l": (0.73, 0.53)}  # Figure 3(b), ResNe
 
 def get_args_parser():
     p = argparse.ArgumentParser(
-        description="Mean cosine similarity of student and teacher features (Figure 3(b))", allow_abbrev=False
+        description="Mean cosine similarity of student and teacher features (Figure 3(b))",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint of any recipe (CAKD's projection needs a cakd run)")
     p.add_argument("--data-path", default=None, help="folder with val/<class>/, or the val folder itself (default: the run's)")

@@ -190,3 +190,28 @@ def test_saved_config_neither_resumes_nor_only_tests(tmp_path):
     assert not {"resume", "test_only", "start_epoch"} & set(yaml.safe_load(open(path)))
     again = parse_args(["--config", path])
     assert (again.resume, again.test_only, again.start_epoch, again.lr) == ("", False, 0, 0.3)
+
+
+# ---- help that helps ---------------------------------------------------------------------------
+def parsers():
+    """The trainer's parser and every script's."""
+    import importlib.util
+
+    found = {"python -m cakd.train": get_args_parser()}
+    for path in sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py"))):
+        spec = importlib.util.spec_from_file_location("script_" + os.path.basename(path)[:-3], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        found[os.path.basename(path)] = module.get_args_parser()
+    return found
+
+
+def test_every_flag_shows_its_default_and_abbreviations_are_refused():
+    for name, parser in parsers().items():
+        assert not parser.allow_abbrev, name
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                text = formatter._get_help_string(action)
+                assert "default" in text or "(required)" in text, (name, action.option_strings, text)
+    assert get_args_parser().format_usage().startswith("usage: python -m cakd.train ")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torchvision.datasets import FakeData
 from torchvision.transforms import v2
 
 from cakd.models import IMAGENET_MEAN
@@ -18,7 +19,6 @@ from cakd.train.data import (
     DataError,
     MixupCutmixCollate,
     RASampler,
-    SyntheticImageDataset,
     build_datasets,
     build_loaders,
 )
@@ -155,7 +155,7 @@ def test_ra_sampler_tiny_dataset_fallback():
 
 @pytest.mark.parametrize("ra_sampler", [False, True])
 def test_train_order_is_a_function_of_seed_and_epoch(ra_sampler):
-    dataset = SyntheticImageDataset(40, 4, 8)
+    dataset = FakeData(40, (3, 8, 8), 4)
     args = make_args(ra_sampler=ra_sampler)
 
     def order(epoch, seed=0, touch_rng=False):
@@ -185,7 +185,7 @@ def test_train_order_is_a_function_of_seed_and_epoch(ra_sampler):
 def test_mixup_cutmix_collate_soft_targets_in_a_worker():
     collate = MixupCutmixCollate(5, mixup_alpha=0.2, cutmix_alpha=1.0)
     pickle.loads(pickle.dumps(collate))  # spawn-started workers need this
-    loader = DataLoader(SyntheticImageDataset(16, 5, 16), batch_size=8, num_workers=1, collate_fn=collate)
+    loader = DataLoader(FakeData(16, (3, 16, 16), 5, transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])), batch_size=8, num_workers=1, collate_fn=collate)
     for images, targets in loader:
         assert images.shape == (8, 3, 16, 16)
         assert targets.shape == (8, 5) and targets.dtype == torch.float32
@@ -194,14 +194,17 @@ def test_mixup_cutmix_collate_soft_targets_in_a_worker():
         MixupCutmixCollate(5)
 
 
-def test_synthetic_dataset_is_deterministic():
-    a, b = SyntheticImageDataset(10, 3, 16, seed=2), SyntheticImageDataset(10, 3, 16, seed=2)
+def test_synthetic_dataset_is_deterministic_and_goes_through_the_presets():
+    args = make_args(dataset="synthetic", synthetic_size=10, val_crop_size=32)
+    a, _, _ = build_datasets(args)
+    b, _, _ = build_datasets(args)
+    torch.manual_seed(0)
     image, label = a[4]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
-    assert torch.equal(image, b[4][0]) and torch.equal(image, a[4][0])
-    assert not torch.equal(image, a[5][0]) and not torch.equal(image, SyntheticImageDataset(10, 3, 16)[4][0])
-    assert a.classes == ["class_0", "class_1", "class_2"] and len(a) == 10
-
+    torch.manual_seed(0)
+    assert torch.equal(image, b[4][0]) and label == b[4][1]
+    assert image.dtype == torch.float32 and abs(image.mean().item()) < 3  # normalised, as the presets give
+    torch.manual_seed(0)
+    assert not torch.equal(image, a[5][0])
     train, val, num_classes = build_datasets(make_args(dataset="synthetic", synthetic_size=10, val_crop_size=32))
     assert num_classes == 1000 and len(train) == 10 and len(val) == 2
     assert train[0][0].shape == (3, 64, 64) and val[0][0].shape == (3, 32, 32)

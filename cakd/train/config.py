@@ -10,11 +10,12 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 
 import yaml
 
-from ..distillers import CHOICES, DISTILLERS, CAKDConfig
+from ..distillers import CHOICES, DISTILLERS
 from ..models import STUDENTS, TEACHERS
 from .errors import first_to_report
 from .optim import SCHEDULERS
@@ -34,6 +35,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
     def suggestion(self, message):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            near = nearest(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
+            return f" (did you mean {near}?)" if near else ""
         if not message.startswith("unrecognized arguments:"):
             return ""
         flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
@@ -45,10 +50,26 @@ class ArgumentParser(argparse.ArgumentParser):
         return ""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless the text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        default = action.default
+        shown = "off" if default is False else "none" if default in (None, "", []) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 def nearest(word, choices):
-    """The choice closest to a mistyped ``word``, or None when none is close."""
-    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return found[0] if found else None
+    """The choices that start with ``word`` (up to three: "a, b or c"), else the one closest to
+    it, else None."""
+    found = [choice for choice in choices if choice.startswith(word)][:3]
+    found = found or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return " or ".join([", ".join(found[:-1]), found[-1]] if len(found) > 1 else found) or None
 
 
 def _bool(value):
@@ -76,13 +97,28 @@ def distiller_option_fields():
 
 
 def get_args_parser(add_help=True):
-    p = ArgumentParser(description="Cross-architecture knowledge distillation training", add_help=add_help)
+    p = ArgumentParser(
+        prog="python -m cakd.train",
+        usage="%(prog)s [--config FILE.yaml] [--flag value ...]   (or torchrun ... -m cakd.train ...)",
+        description="Cross-architecture knowledge distillation training: the released recipes and the paper's, with torchrun",
+        add_help=add_help,
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+    )
     p.add_argument("--config", default=None, type=str, help="YAML file of flag values (the command line wins)")
 
     g = p.add_argument_group("recipe and models")
     g.add_argument("--recipe", default="cakd", choices=sorted(DISTILLERS), help="baseline, logits or cakd")
-    g.add_argument("--model", "--student", default="resnet50", dest="model", choices=STUDENTS, help="student model")
-    g.add_argument("--teacher", default="vit_b_16", choices=TEACHERS, help="teacher model")
+    g.add_argument(
+        "--model",
+        "--student",
+        default="resnet50",
+        dest="model",
+        choices=STUDENTS,
+        metavar="NAME",
+        help=f"student model, a torchvision CNN (a ViT or Swin too for the baseline and logits recipes): {', '.join(STUDENTS)}",
+    )
+    g.add_argument("--teacher", default="vit_b_16", choices=TEACHERS, metavar="NAME", help=f"teacher model: {', '.join(TEACHERS)}")
     g.add_argument(
         "--teacher-weights",
         default="IMAGENET1K_V1",
@@ -168,16 +204,15 @@ def get_args_parser(add_help=True):
         "--eval-views", action="store_true", help="also evaluate on each multi-view transform of every image (Figure 3 C4/C5)"
     )
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
-    g.add_argument("--world-size", default=1, type=int, help="number of distributed processes (set by torchrun)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
 
     g = p.add_argument_group("distiller", "loss weights and switches; unset means the recipe's released value")
     for field in distiller_option_fields():
         kinds = {bool: _bool, "bool": _bool, int: int, "int": int, str: str, "str": str}
         kind = kinds.get(field.type, float)
-        text = f"released: {field.default!r}"
+        text = f"default: the released {field.default!r}"
         if field.name in CHOICES:  # checked by the distiller's config, so a saved null still loads
-            text += f" (one of {', '.join(CHOICES[field.name])})"
+            text += f"; one of {', '.join(CHOICES[field.name])}"
         g.add_argument("--" + field.name.replace("_", "-"), default=None, type=kind, help=text)
     return p
 
@@ -261,6 +296,3 @@ def save_config(args, path):
         yaml.safe_dump(data, f, sort_keys=True)
     os.replace(tmp, path)
 
-
-def disc_lr_factor(args):
-    return args.disc_lr_factor if args.disc_lr_factor is not None else CAKDConfig.disc_lr_factor

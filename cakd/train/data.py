@@ -6,7 +6,6 @@ Nothing here prints; the caller logs.
 import hashlib
 import math
 import os
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -17,6 +16,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
+from ..checkpoint import save_atomic
 from ..models import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler
 from .signals import worker_init
@@ -147,27 +147,6 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         super().__init__(root, transform=transform, loader=load_image)
 
 
-class SyntheticImageDataset(torch.utils.data.Dataset):
-    """Random normalized images for smoke and throughput runs; item ``i`` is the same on every call."""
-
-    def __init__(self, num_samples, num_classes, image_size, seed=0):
-        self.num_samples = num_samples
-        self.num_classes = num_classes
-        self.image_size = image_size
-        self.seed = seed
-        self.classes = [f"class_{k}" for k in range(num_classes)]
-
-    def __len__(self):
-        return self.num_samples
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        image = torch.randn(3, self.image_size, self.image_size, generator=g)
-        return image, index % self.num_classes
-
-
 def _class_folders(split_dir):
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
 
@@ -182,18 +161,18 @@ def _empty_class_folders(split_dir, classes):
     return [name for name in classes if not has_image(os.path.join(split_dir, name))]
 
 
-def _check_layout(data_path):
-    """Check DATA/{train,val}/<class>/ without listing the images; returns (train_dir, val_dir)."""
+def check_data_path(data_path, what_to_pass):
+    """The data path is a folder; else one DataError line that ends with ``what_to_pass``."""
     if not data_path:
-        raise DataError(
-            "no data path given: pass --data-path pointing at a folder with train/ and val/ (or use --dataset synthetic)"
-        )
+        raise DataError(f"no data path given: {what_to_pass}")
     if not os.path.isdir(data_path):
         what = "is not a folder" if os.path.exists(data_path) else "does not exist"
-        raise DataError(
-            f"data path {data_path} {what}: pass --data-path pointing at a folder with train/ and val/ "
-            "(or use --dataset synthetic)"
-        )
+        raise DataError(f"data path {data_path} {what}: {what_to_pass}")
+
+
+def _check_layout(data_path):
+    """Check DATA/{train,val}/<class>/ without listing the images; returns (train_dir, val_dir)."""
+    check_data_path(data_path, "pass --data-path pointing at a folder with train/ and val/ (or use --dataset synthetic)")
     dirs = []
     for split in ("train", "val"):
         split_dir = os.path.join(data_path, split)
@@ -227,19 +206,6 @@ def _cache_path(folder):
     return os.path.join(os.path.expanduser("~"), ".torch", "vision", "datasets", "imagefolder", digest[:10] + ".pt")
 
 
-def _save_atomic(obj, path):
-    # Several processes (DDP ranks) may write the same cache; os.replace keeps it whole.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _image_folder(split_dir, transform, cache):
     """Build (or load from the reference's cache) an ImageFolder over ``split_dir``."""
     path = _cache_path(split_dir)
@@ -263,7 +229,7 @@ def _image_folder(split_dir, transform, cache):
             f"put images ({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the empty ones"
         ) from None
     if cache:
-        _save_atomic(dataset, path)
+        save_atomic(dataset, path)  # several ranks may write the same cache: each replace is whole
     return dataset
 
 
@@ -293,14 +259,8 @@ def _cifar100(args, train_transform, val_transform):
 
 def build_datasets(args):
     """Return ``(train_dataset, val_dataset, num_classes)`` for ``args.dataset``."""
-    if args.dataset == "synthetic":
-        num_classes = 1000 if args.num_classes is None else args.num_classes
-        train = SyntheticImageDataset(args.synthetic_size, num_classes, args.train_crop_size, seed=0)
-        val = SyntheticImageDataset(max(1, args.synthetic_size // 4), num_classes, args.val_crop_size, seed=1)
-        return train, val, num_classes
-    if args.dataset not in ("imagefolder", "cifar100"):
+    if args.dataset not in ("imagefolder", "cifar100", "synthetic"):
         raise ValueError(f"unknown dataset {args.dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
-
     interpolation = InterpolationMode(args.interpolation)
     train_transform = ClassificationPresetTrain(
         crop_size=args.train_crop_size,
@@ -314,6 +274,13 @@ def build_datasets(args):
     val_transform = ClassificationPresetEval(
         crop_size=args.val_crop_size, resize_size=args.val_resize_size, interpolation=interpolation
     )
+    if args.dataset == "synthetic":  # random images through the recipe's presets, for smoke and throughput runs
+        num_classes = 1000 if args.num_classes is None else args.num_classes
+        shape = (3, args.train_crop_size, args.train_crop_size)
+        train = torchvision.datasets.FakeData(args.synthetic_size, shape, num_classes, transform=train_transform)
+        val_size = max(1, args.synthetic_size // 4)
+        val = torchvision.datasets.FakeData(val_size, shape, num_classes, transform=val_transform, random_offset=args.synthetic_size)
+        return train, val, num_classes
     if args.dataset == "cifar100":
         if not args.data_path:
             raise DataError("no data path given: pass --data-path, the folder that holds (or, with --download, will hold) cifar-100-python/")

@@ -99,6 +99,14 @@ def average_gradients(parameters):
         offset += g.numel()
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm statistics) on every rank: each rank's forward updates its
+    own, so evaluating every rank's copy would not be evaluating the checkpoint rank 0 saves."""
+    if is_dist():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def all_gather_object(obj):
     if not is_dist():
         return [obj]

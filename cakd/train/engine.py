@@ -113,6 +113,8 @@ def train_one_epoch(run, epoch, start_step=0):
     logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
     logger.add_meter("img/s", TensorMeter(window=10, fmt="{median:.1f}"))
     lam = distiller.distill_weight(epoch)
+    if args.recipe == "cakd":  # the weight of the distillation terms printed beside them
+        logger.add_meter("lambda", TensorMeter(window=1, fmt="{value:.3f}"))
     total = len(run.train_loader) + start_step
     if args.iters_per_epoch:
         total = min(total, args.iters_per_epoch)
@@ -148,6 +150,8 @@ def train_one_epoch(run, epoch, start_step=0):
         acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
         logger.update(n=images.shape[0], acc1=acc1, acc5=acc5)
         logger.meters["lr"].update(run.optimizer.param_groups[0]["lr"])
+        if "lambda" in logger.meters:
+            logger.meters["lambda"].update(lam)
         window_images += images.shape[0]
 
         last = i == total - 1

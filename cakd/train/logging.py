@@ -90,9 +90,9 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def log_every(self, iterable, print_freq, header="", total=None, start=0, on_print=None):
+    def log_every(self, iterable, print_freq, header="", total=None, start=0):
         """Yield ``(i, item)``; every ``print_freq`` iterations print a progress line with
-        ETA, iteration and data time, and call ``on_print(i)`` (all ranks call it)."""
+        ETA, iteration and data time."""
         total = total if total is not None else len(iterable)
         iter_time, data_time = TensorMeter(fmt="{avg:.4f}"), TensorMeter(fmt="{avg:.4f}")
         width = len(str(total))
@@ -103,8 +103,6 @@ class MetricLogger:
             yield i, item
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
-                if on_print is not None:
-                    on_print(i)
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 line = self.delimiter.join(
                     [
@@ -173,6 +171,11 @@ class TensorBoard:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(prefix + name, value, step)
+
+    def image(self, tag, image, step):
+        """A (3, H, W) uint8 image."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
 
     def flush(self):
         if self.writer is not None:

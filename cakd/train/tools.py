@@ -6,15 +6,14 @@ the seed README's published numbers; and the one-line error convention of the tr
 import argparse
 import dataclasses
 import os
-import warnings
 
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ..checkpoint import _strip_prefix, split_reference_state_dict
+from ..checkpoint import StateMismatch, _strip_prefix, load_strict, split_reference_state_dict
 from ..distillers import DISTILLERS, build_distiller
 from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
-from .data import ClassificationPresetEval, DataError, ImageFolder
+from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
 from .errors import UserError, one_line, print_error
 from .resume import CheckpointError, load_checkpoint
 
@@ -156,17 +155,6 @@ def infer_student(state):
     return found[0] if len(found) == 1 else None
 
 
-def load_strict(module, state, what, fix):
-    """``load_state_dict(strict=True)`` whose failure is one line: what, the first detail, the fix."""
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-        detail = details[0] if details else "state dict mismatch"
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise UserError(f"{what} ({detail}): {fix}") from None
-
-
 def rebuild_distiller(checkpoint, recipe=None, model=None, teacher=None, teacher_weights=None):
     """The distiller as the trainer built it, from all the checkpoint saved: its recipe and
     every distiller switch, the student's trained weights, its projectors, and the teacher
@@ -179,11 +167,9 @@ def rebuild_distiller(checkpoint, recipe=None, model=None, teacher=None, teacher
     student = load_student(checkpoint, "student", model)
     image_size = pick(checkpoint, "train_crop_size")
     name, weights = pick(checkpoint, "teacher", teacher), pick(checkpoint, "teacher_weights", teacher_weights)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        built = build_eval_teacher(
-            name, weights, image_size, num_classes_of(student), seed=pick(checkpoint, "seed"), student=pick(checkpoint, "model", model)
-        )
+    built = build_eval_teacher(
+        name, weights, image_size, num_classes_of(student), seed=pick(checkpoint, "seed"), student=pick(checkpoint, "model", model)
+    )
     fields = {f.name for recipe_class in DISTILLERS.values() for f in dataclasses.fields(recipe_class.config_class)}
     overrides = {k: v for k, v in checkpoint.args.items() if k in fields and v is not None} if recipe == saved else {}
     try:
@@ -192,7 +178,7 @@ def rebuild_distiller(checkpoint, recipe=None, model=None, teacher=None, teacher
         raise UserError(f"{checkpoint.path}: {error}") from None
     projectors = checkpoint.projector_state() if recipe == saved else {}
     if projectors:
-        state = {**{"student." + k: v for k, v in student.state_dict().items()}, **projectors}
+        state = distiller.trainable.joined(student.state_dict(), projectors)
         load_strict(distiller.trainable, state, f"{checkpoint.path}: its projectors do not fit the rebuilt distiller", "pass the run's --teacher")
     return distiller.eval(), f"{name} ({weights})"
 
@@ -209,18 +195,14 @@ def build_eval_teacher(name, weights, image_size, num_classes, seed=None, studen
             torch.manual_seed(seed)
             if student is not None:
                 build_student(student, num_classes=num_classes)
-        return build_teacher(name, weights, image_size=image_size, num_classes=num_classes)
+        return build_teacher(name, "none" if no_weights(weights) else weights, image_size=image_size, num_classes=num_classes)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         raise UserError(str(error)) from None
 
 
 def val_folder(data_path):
     """``DATA/val`` of a training data path, or ``data_path`` itself when it is a folder of classes."""
-    if not data_path:
-        raise DataError("no data path given: pass --data-path (a folder with val/<class>/, or the val folder itself)")
-    if not os.path.isdir(data_path):
-        what = "is not a folder" if os.path.exists(data_path) else "does not exist"
-        raise DataError(f"data path {data_path} {what}: pass a folder with val/<class>/ images, or the val folder itself")
+    check_data_path(data_path, "pass --data-path, a folder with val/<class>/ images or the val folder itself")
     val = os.path.join(data_path, "val")
     if os.path.isdir(val):
         return val
@@ -258,6 +240,6 @@ def run_and_report(body, args):
     try:
         body(args)
         return 0
-    except (UserError, DataError, CheckpointError) as error:
+    except (UserError, DataError, CheckpointError, StateMismatch) as error:
         print_error(error, args)
         return 1

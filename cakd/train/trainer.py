@@ -11,19 +11,20 @@ import signal
 import sys
 import textwrap
 import time
-import warnings
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic
+from ..checkpoint import StateMismatch, save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
 from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
-from .config import disc_lr_factor, distiller_overrides, parse_args, save_config, saved_args
+from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
 from .engine import StopRequest, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .errors import UserError, first_to_report, one_line, print_error
+from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
 from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
@@ -67,6 +68,7 @@ class Run:
             distiller.trainable.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller.trainable.student)
         distiller.to(self.device, memory_format=self.memory_format)
         self.distiller = distiller
+        self.map_images = self._map_images(val_set)
         if not args.test_only:
             self._check_every_parameter_learns()
 
@@ -84,7 +86,7 @@ class Run:
             raise UserError(str(error)) from None
         self.disc_optimizer = self.disc_lr_scheduler = None
         if distiller.discriminator is not None:
-            factor = disc_lr_factor(args)
+            factor = distiller.config.disc_lr_factor
             self.disc_optimizer = torch.optim.SGD(
                 distiller.discriminator.parameters(),
                 lr=factor * args.lr,
@@ -112,6 +114,25 @@ class Run:
         torch.manual_seed(args.seed + args.rank)
         random.seed(args.seed + args.rank)
         np.random.seed(args.seed + args.rank)
+
+    def _map_images(self, val_set, count=4):
+        """The first validation images, at the training crop, whose attention maps go to
+        TensorBoard after each evaluation (rank 0, a run with an attention projector)."""
+        if self.tensorboard.writer is None or getattr(self.distiller.trainable, "pca_proj", None) is None:
+            return None
+        images = torch.stack([val_set[i][0] for i in range(min(count, len(val_set)))])
+        size = self.args.train_crop_size
+        if images.shape[-1] != size:  # the distiller's grid is the training crop's
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return images.to(self.device, memory_format=self.memory_format)
+
+    def log_attention_maps(self, epoch):
+        """Teacher | student | |difference| maps of :meth:`_map_images` to TensorBoard, the student
+        in eval mode: a researcher watches its maps approach the teacher's."""
+        if self.map_images is not None:
+            self.distiller.eval()
+            teacher, student = self.distiller.attention_maps(self.map_images)
+            self.tensorboard.image("attention/teacher|student|difference", map_grid(teacher.cpu(), student.cpu()), epoch)
 
     def _check_every_parameter_learns(self):
         """Refuse loss switches that leave a trainable parameter without a gradient: DDP would
@@ -142,14 +163,12 @@ class Run:
         if random_teacher:
             print_main("warning: --teacher-weights none: a random teacher, for smoke runs only")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return build_teacher(
-                    args.teacher,
-                    args.teacher_weights,
-                    image_size=args.train_crop_size,
-                    num_classes=num_classes if random_teacher else None,
-                )
+            return build_teacher(
+                args.teacher,
+                args.teacher_weights,
+                image_size=args.train_crop_size,
+                num_classes=num_classes if random_teacher else None,
+            )
         except (ValueError, RuntimeError, FileNotFoundError) as error:
             raise UserError(str(error)) from None
 
@@ -157,7 +176,7 @@ class Run:
     def state(self, epoch, step=None):
         """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
         d = self.distiller
-        projectors = {k: v for k, v in d.trainable.state_dict().items() if not k.startswith("student.")}
+        projectors = d.trainable.projector_state_dict()
         optional = lambda obj: obj.state_dict() if obj is not None else None  # noqa: E731
         return {
             "model": d.student.state_dict(),
@@ -228,7 +247,7 @@ class Run:
             if self.ema is not None and ckpt.get("model_ema") is not None:
                 self.ema.load_state_dict(ckpt["model_ema"])
             return
-        d.trainable.load_state_dict({**{"student." + k: v for k, v in ckpt["model"].items()}, **ckpt["projectors"]})
+        d.trainable.load_state_dict(d.trainable.joined(ckpt["model"], ckpt["projectors"]))
         for obj, key in (
             (d.discriminator, "discriminator"),
             (self.optimizer, "optimizer"),
@@ -243,8 +262,23 @@ class Run:
                     raise UserError(f"{path} holds no {key} state, which this run needs: resume with the same flags")
                 obj.load_state_dict(ckpt[key])
 
+    def header(self):
+        """What this run is: recipe, pair, batch, epochs, and when lambda is non-zero."""
+        a = self.args
+        pair = f"{a.model} alone" if a.recipe == "baseline" else f"{a.model} <- {a.teacher} ({a.teacher_weights})"
+        line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
+                f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
+        if a.recipe == "cakd" and not a.test_only:
+            line += "\n  " + lambda_schedule(self.distiller, a.epochs)
+        return line
+
     # ---- evaluation ----------------------------------------------------------------
-    def evaluate(self, epoch=None):
+    def evaluate(self):
+        """Top-1/top-5 of the student (and its EMA) on the validation set, and the attention maps
+        of a few validation images to TensorBoard."""
+        for module in (self.distiller.student, self.ema.module if self.ema is not None else None):
+            if module is not None:
+                dist_utils.broadcast_buffers(module)  # evaluate the copy the checkpoint keeps (rank 0's)
         options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
         results = {}
         if self.args.eval_views:  # clean and each multi-view transform, in one pass (views seeded with 0)
@@ -259,6 +293,21 @@ class Run:
                 self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
             )
         return results
+
+
+def lambda_schedule(distiller, epochs):
+    """When lambda, the weight of the distillation terms, is non-zero, in words."""
+    weights = [distiller.distill_weight(epoch) for epoch in range(epochs)]
+    scope = "on every distillation term" if distiller.config.lambda_scope == "all" else "on the adversarial term"
+    nonzero = [epoch for epoch, weight in enumerate(weights) if weight > 0]
+    if not nonzero:
+        return f"lambda stays 0 for all {epochs} epochs: the distillation terms are logged but do not train"
+    first, top = nonzero[0], max(weights)
+    reached = weights.index(top)
+    if first == reached:
+        return f"lambda {top:g} from epoch {first} ({scope})"
+    return (f"lambda 0 until epoch {first} (the distillation terms are logged but do not train), "
+            f"rising to {top:g} at epoch {reached} ({scope})")
 
 
 def schedule_options(args):
@@ -296,7 +345,6 @@ def train(args):
         os.makedirs(args.output_dir, exist_ok=True)
         if dist_utils.is_main_process():
             save_config(args, os.path.join(args.output_dir, "config.yaml"))
-    print_main(f"cakd.train: {args.recipe} recipe, {args.model} <- {args.teacher}, {args.world_size} process(es)")
     if args.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
@@ -306,6 +354,7 @@ def train(args):
     args.resume = resume_path(args)
     run = Run(args)
     run.stop = stop
+    print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
@@ -337,7 +386,8 @@ def train(args):
         run.lr_scheduler.step()
         if run.disc_lr_scheduler is not None:
             run.disc_lr_scheduler.step()
-        results = run.evaluate(epoch)
+        results = run.evaluate()
+        run.log_attention_maps(epoch)
         run.tensorboard.scalars(results, epoch, prefix="val/")
         run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
         run.tensorboard.flush()
@@ -393,7 +443,7 @@ def main(argv=None):
     try:
         train(args)
         return 0
-    except (UserError, DataError, TrainingError) as error:
+    except (UserError, DataError, TrainingError, StateMismatch) as error:
         print_error(error, args)
         return 1
     except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
