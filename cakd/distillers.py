@@ -132,8 +132,11 @@ class StudentWithProjectors(nn.Module):
         out = {"logits": self.student(images)}
         if self.taps is not None:
             feature, pooled = self.taps.pop_map()
-            with contextlib.nullcontext() if projector_grad else torch.no_grad():
+            if projector_grad:
                 out.update(self.project(feature, pooled, teacher))
+            else:
+                with torch.no_grad():
+                    out.update(self.project(feature.detach(), pooled.detach(), teacher))
         return out
 
     def project(self, feature, pooled, teacher=None):

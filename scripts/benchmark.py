@@ -196,17 +196,23 @@ def build_mode(mode, student, teacher, args, device, memory_format, split_optimi
 
 
 def peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format):
-    """Peak memory of one mode alone: build it, run a few steps, tear it down."""
+    """Peak memory of one mode alone (build it, run ``--warmup`` steps, tear it down), and the
+    time of its first step (with ``--compile``: the compilation)."""
     amp_dtype = AMP_DTYPES[args.dtype]
     reset_peak_memory(device)
     step, cleanup = build_mode(mode, student, teacher, args, device, memory_format)
-    for _ in range(args.warmup):
+    first = None
+    for _ in range(max(args.warmup, 1)):
+        start = time.perf_counter()
         loss = step(images, targets, amp_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = first or time.perf_counter() - start
     if not torch.isfinite(loss.detach()).item():
         raise RuntimeError(f"{mode}: non-finite loss")
     peak = peak_memory_mib(device)
     cleanup()
-    return peak
+    return peak, first
 
 
 def time_modes(student, teacher, images, targets, args, device, memory_format):
@@ -338,23 +344,28 @@ def main(argv=None):
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
     if not args.modes and not args.loader_workers:
         raise SystemExit("nothing to measure: give --modes and/or --loader-workers")
-    peaks = {mode: peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format) for mode in args.modes}
+    peaks, firsts = {}, {}
+    for mode in args.modes:
+        peaks[mode], firsts[mode] = peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format)
     times = time_modes(student, teacher, images, targets, args, device, memory_format) if args.modes else {}
     rows = []
     for mode in args.modes:
         median = statistics.median(times[mode])
         rows.append({"mode": mode, "median_s": median, "img_per_s": args.batch_size / median, "peak_mib": peaks[mode],
+                     "first_step_s": firsts[mode],
                      "times_s": times[mode]})
     ideal = next((r for r in rows if r["mode"] == "ideal"), None)
+    first = " first step (s) |" if args.compile else ""  # the compilation
     if rows:
-        print("| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |")
-        print("|---|---|---|---|---|---|")
+        print(f"| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |{first}")
+        print("|---|---|---|---|---|---|" + "---|" * bool(first))
     for r in rows:
         if ideal:
             r["time_ratio"] = r["median_s"] / ideal["median_s"]
             r["memory_ratio"] = r["peak_mib"] / ideal["peak_mib"]
         ratios = f"{r['time_ratio']:.3f} | {r['memory_ratio']:.3f}" if ideal else "- | -"
-        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |")
+        compile_s = f" {r['first_step_s']:.1f} |" if first else ""
+        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |{compile_s}")
     profile_rows = profile_cakd(student, teacher, images, targets, args, device, memory_format) if args.profile else {}
     if profile_rows:
         ideal_ms = ideal["median_s"] * 1e3 if ideal else None
