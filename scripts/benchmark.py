@@ -11,7 +11,9 @@ every mode built at once, one step of each in turn (the order rotating every rou
 ``--warmup`` rounds: machine drifts fall on every mode alike. The table gives the median step
 time, img/s, peak memory and each mode's ratio to the ideal.
 ``released_style`` reproduces what made the released step slow: the teacher under autograd with
-its targets attached, so every step also back-propagates through the ViT.
+its targets attached, so every step also back-propagates through the ViT. ``cakd_plain`` (asked
+for by ``--modes``) is the cakd step with its switchable speed paths off, for an A/B in one
+process (``--epoch 0`` for the lambda = 0 path).
 
 ``--profile`` adds, for the cakd step, the time of each part it adds to the ideal, from the
 ``torch.profiler`` ranges the method code opens (``cakd.attention_projector``, ...): the ops run
@@ -42,6 +44,7 @@ from cakd.train.engine import autocast, training_step  # noqa: E402
 from make_image_folder import make_image_folder  # noqa: E402
 
 MODES = ("ideal", "baseline", "logits", "cakd", "released_style")
+PLAIN = {"map_fold": "never", "zero_lambda_no_grad": False}  # cakd_plain: the switchable speed paths off
 PARTS = (  # (profiler range, row of the --profile table)
     ("cakd.attention_projector", "attention projector and its maps"),
     ("cakd.groupwise_projector", "group-wise projector"),
@@ -100,7 +103,9 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp32: none)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (with its projectors) and the teacher")
-    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="none: only the loader measurement")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=[*MODES, "cakd_plain"],
+                   help="none: only the loader measurement; cakd_plain (not by default): cakd with " + ", ".join(f"{k}={v}" for k, v in PLAIN.items()))
+    p.add_argument("--epoch", type=int, default=40, help="epoch of the distillation steps (cakd: lambda is 0 before epoch 26)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
     p.add_argument("--profile", action="store_true", help="also profile the cakd step: the time of each part beyond the ideal")
@@ -169,7 +174,8 @@ def build_mode(mode, student, teacher, args, device, memory_format, split_optimi
         return (lambda images, targets, amp_dtype: ideal_step(student_run, teacher_run, optimizer, images, targets, amp_dtype)), (
             lambda: None
         )
-    distiller = cakd.build_distiller("cakd" if mode == "released_style" else mode, student, teacher)
+    recipe = "cakd" if mode in ("released_style", "cakd_plain") else mode
+    distiller = cakd.build_distiller(recipe, student, teacher, **(PLAIN if mode == "cakd_plain" else {}))
     if mode == "released_style":
         distiller.__class__ = ReleasedStyleCAKD  # same modules and numbers, the released cost
     distiller.to(device, memory_format=memory_format)
@@ -186,7 +192,7 @@ def build_mode(mode, student, teacher, args, device, memory_format, split_optimi
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
 
     def step(images, targets, amp_dtype):
-        return training_step(distiller, images, targets, 40, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype)["total"]
+        return training_step(distiller, images, targets, args.epoch, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype)["total"]
 
     def cleanup():
         distiller.close()
