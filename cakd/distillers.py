@@ -8,6 +8,7 @@ A distiller holds
   ``.to()`` / ``.cuda()`` with the rest;
 - ``discriminator`` (CAKD only), trained by its own optimizer.
 """
+import contextlib
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -19,7 +20,7 @@ from .discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
 from .models import CNN_STUDENTS, head_name, num_classes_of, student_layout
 from .multiview import MultiViewGenerator
 from .projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
-from .taps import StudentTaps, teacher_taps
+from .taps import StudentTaps, profiled, teacher_taps
 
 
 @dataclass
@@ -39,6 +40,7 @@ CHOICES = {
     "adv_form": ("released", "saturating", "non_saturating"),
     "lambda_form": ("ramp", "constant"),
     "lambda_scope": ("all", "adversarial"),
+    "map_fold": ("auto", "always", "never"),
 }
 
 
@@ -65,6 +67,9 @@ class CAKDConfig(LogitsConfig):
     pca_head_dim: int = 64
     gl_window: int = 4
     gl_batched: bool = True
+    # speed paths, each exact to rounding (tests/test_speed_paths.py)
+    map_fold: str = "auto"  # head-mean q k^T maps as x (W_q^T W_k) x^T: the teacher's always, the student's where it saves FLOPs
+    zero_lambda_no_grad: bool = True  # lambda = 0: projectors run without autograd, their gradients set to zero
     # paper forms, each off (released) by default
     pca_form: str = "released"  # "paper": 3x3 convs, partial cross, softmax attention outputs (Eq. 1-4)
     pca_swap_prob: float = 0.5  # paper form: probability that an element of Q, K, V takes the teacher's value
@@ -107,11 +112,12 @@ def mse(a, b):
 class StudentWithProjectors(nn.Module):
     """The trained part: student plus projectors, keyed as in the released checkpoint.
 
-    ``forward(images, teacher=None)`` returns the student logits and, when a tap stage is
-    given, the projectors' outputs: ``attn_qk``/``attn_vv`` (released attention projector)
-    or ``attn_out``/``value_maps`` (paper's, which also reads the teacher's q, k, v from
-    ``teacher``), ``student_tokens`` (the tapped stage's own tokens h_S), ``patch_tokens``
-    (h'_S) and ``cls_token``. Projectors that are None are skipped.
+    ``forward(images, teacher=None, projector_grad=True)`` returns the student logits and, when
+    a tap stage is given, the projectors' outputs (run without autograd if not ``projector_grad``):
+    ``attn_qk``/``attn_vv`` (released attention projector) or ``attn_out``/``value_maps``
+    (paper's, which also reads the teacher's q, k, v from ``teacher``), ``student_tokens`` (the
+    tapped stage's own tokens h_S), ``patch_tokens`` (h'_S) and ``cls_token``. Projectors that
+    are None are skipped.
     """
 
     def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None):
@@ -131,20 +137,50 @@ class StudentWithProjectors(nn.Module):
         """A whole :meth:`state_dict` from the student's own state and :meth:`projector_state_dict`."""
         return {**{"student." + k: v for k, v in student_state.items()}, **projector_state}
 
-    def forward(self, images, teacher=None):
+    def forward(self, images, teacher=None, projector_grad=True):
         out = {"logits": self.student(images)}
         if self.taps is not None:
             feature, pooled = self.taps.pop_map()
-            tokens = feature.flatten(2).transpose(1, 2)
+            if projector_grad:
+                out.update(self.project(feature, pooled, teacher))
+            else:
+                with torch.no_grad():
+                    out.update(self.project(feature.detach(), pooled.detach(), teacher))
+        return out
+
+    def project(self, feature, pooled, teacher=None):
+        """The projectors' outputs from the tapped feature map and pooled feature."""
+        out = {}
+        tokens = feature.flatten(2).transpose(1, 2)
+        with profiled("cakd.attention_projector"):
             if isinstance(self.pca_proj, PartialCrossAttentionProjector):
                 out.update(self.pca_proj(feature, teacher))
             elif self.pca_proj is not None:
                 out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
-            out["student_tokens"] = tokens  # h_S, before the group-wise projector
+        out["student_tokens"] = tokens  # h_S, before the group-wise projector
+        with profiled("cakd.groupwise_projector"):
             out["patch_tokens"] = self.gl_proj(tokens)
-            if self.cls_proj is not None:
+        if self.cls_proj is not None:
+            with profiled("cakd.token_projector"):
                 out["cls_token"] = self.cls_proj(pooled)
         return out
+
+    def projector_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("student.")]
+
+
+class ZeroGradients(torch.autograd.Function):
+    """A zero whose backward gives each input a zero gradient (not None, so SGD still applies
+    weight decay and momentum to it, as after a backward multiplied by lambda = 0)."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.save_for_backward(*params)
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch.zeros_like(p) for p in ctx.saved_tensors)
 
 
 class Distiller(nn.Module):
@@ -200,11 +236,13 @@ class Distiller(nn.Module):
         """What runs the trainable part: its DDP or compiled wrapper, or itself."""
         return self._student_runner if self._student_runner is not None else self.trainable
 
-    def run_student(self, images, teacher=None):
+    def run_student(self, images, teacher=None, projector_grad=True):
         """The single call path of the trainable part (through DDP when wrapped); ``teacher``
         (the teacher's outputs) goes to projectors that read them."""
-        runner = self.student_runner
-        out = runner(images) if teacher is None else runner(images, teacher=teacher)
+        kwargs = {} if teacher is None else {"teacher": teacher}
+        if not projector_grad:
+            kwargs["projector_grad"] = False
+        out = self.student_runner(images, **kwargs)
         self.last_logits = out["logits"].detach()  # for training accuracy, no extra forward
         return out
 
@@ -312,21 +350,29 @@ class CAKDDistiller(Distiller):
         c = self.config
         t = self.run_teacher(images)  # the teacher always sees the clean batch
         student_images = self.multiview(images) if self.multiview is not None else images
-        s = self.run_student(student_images, teacher=t if c.use_pca and c.pca_form == "paper" else None)
+        lam = self.distill_weight(epoch)
+        # lambda = 0 scales every distillation term (and its gradient) by 0: the projectors run
+        # without autograd and get zero gradients, the same update for less work
+        skip = c.zero_lambda_no_grad and lam == 0 and c.lambda_scope == "all" and c.use_cls and torch.is_grad_enabled()
+        paper_teacher = t if c.use_pca and c.pca_form == "paper" else None
+        s = self.run_student(student_images, teacher=paper_teacher, projector_grad=not skip)
         losses = {"cls": self.cross_entropy(s["logits"], targets)}
-        if c.use_pca:
-            losses["pca"] = self.attention_loss(s, t)
-        losses["gl"] = self.groupwise_loss(s, t)
+        with profiled("cakd.loss_terms"):
+            if c.use_pca:
+                losses["pca"] = self.attention_loss(s, t)
+            losses["gl"] = self.groupwise_loss(s, t)
         if self.discriminator is not None:
             losses["adv"], losses["disc"] = self.adversarial_losses(s, t)
-        lam = self.distill_weight(epoch)
-        projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
-        adv_terms = [losses["adv"]] if "adv" in losses else []
-        if c.lambda_scope == "all":
-            distill = lam * sum(projector_terms + adv_terms)
-        else:
-            distill = sum(projector_terms + [lam * adv for adv in adv_terms])
-        losses["total"] = losses["cls"] + distill if c.use_cls else distill
+        with profiled("cakd.loss_terms"):
+            projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
+            adv_terms = [losses["adv"]] if "adv" in losses else []
+            if c.lambda_scope == "all":
+                distill = lam * sum(projector_terms + adv_terms)
+            else:
+                distill = sum(projector_terms + [lam * adv for adv in adv_terms])
+            losses["total"] = losses["cls"] + distill if c.use_cls else distill
+            if skip:
+                losses["total"] = losses["total"] + ZeroGradients.apply(*self.trainable.projector_parameters())
         return losses
 
     def attention_loss(self, s, t):
@@ -366,18 +412,25 @@ class CAKDDistiller(Distiller):
             real, fake = t["attn_qk"].unsqueeze(1), s["attn_qk"].unsqueeze(1)
         else:
             real, fake = t["patch_tokens"], s["patch_tokens"]
-        p_real = disc_net(real)
-        p_fake = disc_net(fake.detach())
-        disc = c.disc_loss_weight * (gan_loss(p_real if c.disc_real_grad else p_real.detach(), True) + gan_loss(p_fake, False))
-        if c.adv_form == "released":
-            # released: BCE of the detached fake map, a value with no gradient; flipped: the
-            # discriminator as it was at this forward, with the gradient reaching the student
-            p_fake_adv = call_with_snapshot(disc_net, fake) if c.adv_to_student else p_fake.detach()
-            adv = c.adv_real_weight * gan_loss(p_real.detach(), True) + gan_loss(p_fake_adv, True)
-        elif c.adv_form == "saturating":
-            adv = -gan_loss(call_with_snapshot(disc_net, fake), False)  # mean(log(1 - D(fake)))
-        else:
-            adv = gan_loss(call_with_snapshot(disc_net, fake), True)  # -mean(log D(fake))
+        with profiled("cakd.discriminator"):
+            with contextlib.nullcontext() if c.disc_real_grad else torch.no_grad():
+                p_real = disc_net(real)  # no graph when only its value is read
+            p_fake = disc_net(fake.detach())
+            # released: the adversarial term reads the detached fake logit, a value with no
+            # gradient; otherwise the discriminator as it was at this forward, with the gradient
+            # reaching the student
+            if c.adv_form == "released" and not c.adv_to_student:
+                p_fake_adv = p_fake.detach()
+            else:
+                p_fake_adv = call_with_snapshot(disc_net, fake)
+        with profiled("cakd.loss_terms"):
+            disc = c.disc_loss_weight * (gan_loss(p_real if c.disc_real_grad else p_real.detach(), True) + gan_loss(p_fake, False))
+            if c.adv_form == "released":
+                adv = c.adv_real_weight * gan_loss(p_real.detach(), True) + gan_loss(p_fake_adv, True)
+            elif c.adv_form == "saturating":
+                adv = -gan_loss(p_fake_adv, False)  # mean(log(1 - D(fake)))
+            else:
+                adv = gan_loss(p_fake_adv, True)  # -mean(log D(fake))
         return adv, disc
 
 
@@ -415,7 +468,7 @@ def build_distiller(recipe: str, student, teacher=None, image_size=None, **overr
     patchgan = config.use_adv and config.disc_form == "patchgan"
     paper_pca = config.use_pca and config.pca_form == "paper"
     released_maps = (config.use_pca and config.pca_form == "released") or patchgan
-    taps = teacher_taps(teacher, image_size, attention=released_maps, tokens=True, qkv=paper_pca)
+    taps = teacher_taps(teacher, image_size, attention=released_maps, tokens=True, qkv=paper_pca, fold=config.map_fold)
     if type(student).__name__ in ("VisionTransformer", "SwinTransformer"):
         raise ValueError(f"the {recipe} recipe distils into a CNN's feature map: use a CNN student ({', '.join(CNN_STUDENTS)})")
     layout = student_layout(student, image_size)
@@ -427,7 +480,7 @@ def build_distiller(recipe: str, student, teacher=None, image_size=None, **overr
     elif paper_pca:  # the teacher's heads and widths, so Q, K, V can be swapped element by element
         pca_proj = PartialCrossAttentionProjector(channels, heads, width // heads, config.pca_swap_prob, score_map=patchgan)
     else:
-        pca_proj = AttentionProjector(channels, config.pca_heads, config.pca_head_dim)
+        pca_proj = AttentionProjector(channels, config.pca_heads, config.pca_head_dim, config.map_fold)
     trainable = StudentWithProjectors(
         student,
         stage,

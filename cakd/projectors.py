@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .taps import attention_output, head_mean_scores, value_maps
+from .taps import attention_output, folded_scores, head_mean_scores, value_maps
 
 
 class AttentionProjector(nn.Module):
@@ -21,18 +21,36 @@ class AttentionProjector(nn.Module):
     Returns ``(attn_qk, attn_vv)``, both ``mean_h(x_h y_h^T) * head_dim**-0.5`` before
     softmax. The released module's unused output projection is left out (it never
     received a gradient); :func:`cakd.checkpoint` drops its keys on import.
+
+    ``fold``: ``"auto"`` computes ``attn_qk`` as ``S (W_q^T W_k) S^T`` (:func:`folded_scores`)
+    when that takes fewer FLOPs than projecting every token to q and k (a batch with more tokens
+    than channels), ``"always"`` / ``"never"`` force either form. Same maps to rounding.
     """
 
-    def __init__(self, in_dim: int, num_heads: int = 16, head_dim: int = 64):
+    def __init__(self, in_dim: int, num_heads: int = 16, head_dim: int = 64, fold: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        self.fold = fold
         self.to_qkv = nn.Linear(in_dim, 3 * num_heads * head_dim, bias=False)
 
+    def folds(self, tokens) -> bool:
+        """Whether the folded form runs: its ``C*C*(h*d + B*N)`` multiply-adds (``W_q^T W_k``,
+        then ``S`` times it) against ``2*B*N*C*h*d`` for q and k."""
+        if self.fold != "auto":
+            return self.fold == "always"
+        rows, channels, width = tokens.shape[0] * tokens.shape[1], tokens.shape[2], self.num_heads * self.head_dim
+        return channels * (width + rows) < 2 * rows * width
+
     def forward(self, tokens):
-        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
-        attn_qk = head_mean_scores(q, k, self.num_heads, self.scale)
+        if self.folds(tokens):
+            w_q, w_k, w_v = self.to_qkv.weight.chunk(3)
+            attn_qk = folded_scores(tokens, w_q.t() @ w_k, self.num_heads, self.scale)
+            v = nn.functional.linear(tokens, w_v)
+        else:
+            q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
+            attn_qk = head_mean_scores(q, k, self.num_heads, self.scale)
         attn_vv = head_mean_scores(v, v, self.num_heads, self.scale)
         return attn_qk, attn_vv
 
@@ -155,8 +173,10 @@ class GroupwiseLinearProjector(nn.Module):
         # (B, G*S, C) -> (G, B*S, C): each group's tokens in one block of rows
         windows = tokens.index_select(1, self.padded_index).view(batch, groups, size, in_dim)
         windows = windows.transpose(0, 1).reshape(groups, batch * size, in_dim)
-        out = torch.baddbmm(self.bias.unsqueeze(1), windows, self.weight.transpose(1, 2))
-        out = out.view(groups, batch, size, -1).transpose(0, 1).reshape(batch, groups * size, -1)
+        # W_g x^T rather than x W_g^T: autograd then gives the weight's gradient in the weight's
+        # own (G, out, in) layout, not transposed (which costs a copy of it every step)
+        out = torch.baddbmm(self.bias.unsqueeze(2), self.weight, windows.transpose(1, 2))  # (G, out, B*S)
+        out = out.view(groups, -1, batch, size).permute(2, 0, 3, 1).reshape(batch, groups * size, -1)
         return out.index_select(1, self.slot_index)
 
     def _forward_loop(self, tokens):

@@ -72,6 +72,12 @@ class FeatureTaps:
         self.outputs.clear()
 
 
+def profiled(name: str):
+    """A ``torch.profiler`` range naming one part of the step, so ``scripts/benchmark.py
+    --profile`` can time it (its backward is matched to it by autograd sequence number)."""
+    return torch.profiler.record_function(name)
+
+
 def head_mean_scores(a: torch.Tensor, b: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """``mean_h(a_h @ b_h^T) * scale`` for (B, N, h*d) inputs, as one batched matmul.
 
@@ -79,6 +85,15 @@ def head_mean_scores(a: torch.Tensor, b: torch.Tensor, num_heads: int, scale: fl
     h*d channels, so the head mean is ``a @ b^T / h``.
     """
     return torch.bmm(a, b.transpose(1, 2)) * (scale / num_heads)
+
+
+def folded_scores(x: torch.Tensor, m: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """``mean_h(q_h @ k_h^T) * scale`` for ``q = x W_q^T``, ``k = x W_k^T``, from ``m = W_q^T W_k``.
+
+    The head mean is ``q k^T / h`` (:func:`head_mean_scores`) and ``q k^T = x (W_q^T W_k) x^T``:
+    one (B*N, C) x (C, C) product instead of two (B*N, C) x (C, h*d) projections.
+    """
+    return torch.bmm(x @ m, x.transpose(1, 2)) * (scale / num_heads)
 
 
 class ViTTaps:
@@ -95,13 +110,20 @@ class ViTTaps:
     ``softmax(q_h k_h^T / sqrt(d)) v_h`` (B, h, N, d) and ``value_maps``
     ``v_h v_h^T / sqrt(d)`` (B, h, N, N), the class token dropped before the softmax.
     Only what is asked for is computed.
+
+    ``fold`` (anything but ``"never"``): ``attn_qk`` comes from ``[x, 1] M [x, 1]^T`` with
+    ``M`` (:func:`folded_in_proj`) computed once per teacher weight, so q and k are never
+    projected; same maps to rounding.
     """
 
-    def __init__(self, teacher: nn.Module, attention: bool = True, tokens: bool = True, qkv: bool = False):
+    def __init__(self, teacher: nn.Module, attention: bool = True, tokens: bool = True, qkv: bool = False,
+                 fold: str = "auto"):
         self.teacher = teacher
         self.runner = teacher  # or its torch.compile wrapper
         self.attention = attention
         self.qkv = qkv
+        self.fold = fold
+        self._folded = (None, None)  # (key of the weights it was computed from, M)
         block = teacher.encoder.layers[-1]
         self.attn = block.self_attention
         self.image_size = teacher.image_size
@@ -119,18 +141,56 @@ class ViTTaps:
             out["cls_token"] = y[:, 0]
             out["patch_tokens"] = y[:, 1:]
         if self._ln1 is not None:
-            q, k, v = vit_qkv(self.taps.pop(self._ln1), self.attn)
-            heads = self.attn.num_heads
-            if self.attention:
-                out["attn_qk"], out["attn_vv"] = released_score_maps(q, k, v, heads)
-            if self.qkv:
-                out["q"], out["k"], out["v"] = q, k, v
-                out["attn_out"] = attention_output(q, k, v, heads)
-                out["value_maps"] = value_maps(v, heads)
+            with profiled("cakd.teacher_maps"):
+                self._maps(self.taps.pop(self._ln1), out)
         return out
+
+    def _maps(self, x, out):
+        heads = self.attn.num_heads
+        if self.attention and not self.qkv and self.fold != "never":
+            patches = x[:, 1:]
+            scale = 1.0 / math.sqrt(self.width // heads)
+            out["attn_qk"] = folded_scores(nn.functional.pad(patches, (0, 1), value=1.0), self.folded_in_proj(), heads, scale)
+            d = self.width
+            v = nn.functional.linear(patches, self.attn.in_proj_weight[2 * d :], _bias(self.attn)[2 * d :])
+            out["attn_vv"] = head_mean_scores(v, v, heads, 1.0)
+            return
+        q, k, v = vit_qkv(x, self.attn)
+        if self.attention:
+            out["attn_qk"], out["attn_vv"] = released_score_maps(q, k, v, heads)
+        if self.qkv:
+            out["q"], out["k"], out["v"] = q, k, v
+            out["attn_out"] = attention_output(q, k, v, heads)
+            out["value_maps"] = value_maps(v, heads)
+
+    def folded_in_proj(self) -> torch.Tensor:
+        """:func:`folded_in_proj` of the last block, recomputed only when its weights change
+        (another tensor, or one updated in place: a load, ``.to()``)."""
+        tensors = (self.attn.in_proj_weight, self.attn.in_proj_bias)
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        if self._folded[0] != key:
+            self._folded = (key, folded_in_proj(self.attn.in_proj_weight, _bias(self.attn)))
+        return self._folded[1]
 
     def remove(self):
         self.taps.remove()
+
+
+def _bias(attn: nn.MultiheadAttention) -> torch.Tensor:
+    bias = attn.in_proj_bias
+    return bias if bias is not None else attn.in_proj_weight.new_zeros(attn.in_proj_weight.shape[0])
+
+
+@torch.no_grad()
+def folded_in_proj(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``M`` (D+1, D+1) with ``[x, 1] M [y, 1]^T = q(x) . k(y)`` for ``nn.MultiheadAttention``'s
+    packed ``in_proj`` (q, k, v rows; biases included exactly through the constant 1 column):
+    ``M = [W_q, b_q]^T [W_k, b_k]``. In the weights' dtype, outside autocast."""
+    d = weight.shape[0] // 3
+    w_q = torch.cat([weight[:d], bias[:d, None]], dim=1)
+    w_k = torch.cat([weight[d : 2 * d], bias[d : 2 * d, None]], dim=1)
+    with torch.autocast(weight.device.type, enabled=False):
+        return w_q.t() @ w_k
 
 
 def vit_qkv(x: torch.Tensor, attn: nn.MultiheadAttention):
@@ -191,19 +251,22 @@ class SwinTaps:
             out["patch_tokens"] = self.taps.pop("norm").flatten(1, 2)
             out["cls_token"] = self.taps.pop("head")
         if self._attn is not None:
-            x = self.taps.pop(self._attn)
-            q, k, v, real = swin_qkv(x, self.attn)
-            scores = swin_scores(q, k, self.attn)
-            heads = self.num_heads
-            if self.attention:
-                out["attn_qk"] = scores[:, :, real][:, :, :, real].mean(dim=1)
-                v_real = v[:, real]
-                out["attn_vv"] = head_mean_scores(v_real, v_real, heads, 1.0)
-            if self.qkv:
-                out["q"], out["k"], out["v"] = q[:, real], k[:, real], v[:, real]
-                out["attn_out"] = (scores.softmax(dim=-1) @ split_heads(v, heads))[:, :, real]
-                out["value_maps"] = value_maps(v[:, real], heads)
+            with profiled("cakd.teacher_maps"):
+                self._maps(self.taps.pop(self._attn), out)
         return out
+
+    def _maps(self, x, out):
+        q, k, v, real = swin_qkv(x, self.attn)
+        scores = swin_scores(q, k, self.attn)
+        heads = self.num_heads
+        if self.attention:
+            out["attn_qk"] = scores[:, :, real][:, :, :, real].mean(dim=1)
+            v_real = v[:, real]
+            out["attn_vv"] = head_mean_scores(v_real, v_real, heads, 1.0)
+        if self.qkv:
+            out["q"], out["k"], out["v"] = q[:, real], k[:, real], v[:, real]
+            out["attn_out"] = (scores.softmax(dim=-1) @ split_heads(v, heads))[:, :, real]
+            out["value_maps"] = value_maps(v[:, real], heads)
 
     def remove(self):
         self.taps.remove()
@@ -240,7 +303,8 @@ def swin_scores(q, k, attn: nn.Module) -> torch.Tensor:
     return scores + attn.get_relative_position_bias()
 
 
-def teacher_taps(teacher: nn.Module, image_size: int, attention: bool = True, tokens: bool = True, qkv: bool = False):
+def teacher_taps(teacher: nn.Module, image_size: int, attention: bool = True, tokens: bool = True, qkv: bool = False,
+                 fold: str = "auto"):
     """:class:`ViTTaps` or :class:`SwinTaps` for ``teacher``; a ViT must be built for ``image_size``."""
     if isinstance(teacher, VisionTransformer):
         if teacher.image_size != image_size:
@@ -248,7 +312,7 @@ def teacher_taps(teacher: nn.Module, image_size: int, attention: bool = True, to
                 f"the teacher was built for {teacher.image_size}x{teacher.image_size} but the images are "
                 f"{image_size}x{image_size}: build it with image_size={image_size}"
             )
-        return ViTTaps(teacher, attention, tokens, qkv)
+        return ViTTaps(teacher, attention, tokens, qkv, fold)
     if isinstance(teacher, SwinTransformer):
         return SwinTaps(teacher, image_size, attention, tokens, qkv)
     raise TypeError(f"the teacher must be a torchvision VisionTransformer or SwinTransformer, got {type(teacher).__name__}")

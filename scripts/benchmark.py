@@ -11,7 +11,15 @@ every mode built at once, one step of each in turn (the order rotating every rou
 ``--warmup`` rounds: machine drifts fall on every mode alike. The table gives the median step
 time, img/s, peak memory and each mode's ratio to the ideal.
 ``released_style`` reproduces what made the released step slow: the teacher under autograd with
-its targets attached, so every step also back-propagates through the ViT.
+its targets attached, so every step also back-propagates through the ViT. ``cakd_plain`` (asked
+for by ``--modes``) is the cakd step with its switchable speed paths off, for an A/B in one
+process (``--epoch 0`` for the lambda = 0 path).
+
+``--profile`` adds, for the cakd step, the time of each part it adds to the ideal, from the
+``torch.profiler`` ranges the method code opens (``cakd.attention_projector``, ...): the ops run
+inside a range, plus their backward (matched by autograd sequence number), plus the optimizer
+steps of the discriminator and of the projectors (stepped by their own SGD here, the same update
+as one SGD over student and projectors). CPU time on the CPU, kernel time on a GPU.
 """
 import argparse
 import copy
@@ -36,6 +44,43 @@ from cakd.train.engine import autocast, training_step  # noqa: E402
 from make_image_folder import make_image_folder  # noqa: E402
 
 MODES = ("ideal", "baseline", "logits", "cakd", "released_style")
+PLAIN = {"map_fold": "never", "zero_lambda_no_grad": False}  # cakd_plain: the switchable speed paths off
+PARTS = (  # (profiler range, row of the --profile table)
+    ("cakd.attention_projector", "attention projector and its maps"),
+    ("cakd.groupwise_projector", "group-wise projector"),
+    ("cakd.token_projector", "token projector"),
+    ("cakd.teacher_maps", "teacher map recomputation"),
+    ("cakd.discriminator", "discriminator forward/backward"),
+    ("Optimizer.step#DiscriminatorSGD.step", "discriminator optimizer"),
+    ("cakd.loss_terms", "loss terms"),
+    ("Optimizer.step#ProjectorSGD.step", "optimizer of the projectors"),
+)
+
+
+class DiscriminatorSGD(torch.optim.SGD):
+    """SGD under its own name in the profile (``Optimizer.step#DiscriminatorSGD.step``)."""
+
+
+class ProjectorSGD(torch.optim.SGD):
+    """SGD under its own name in the profile (``Optimizer.step#ProjectorSGD.step``)."""
+
+
+class StudentAndProjectorSGD:
+    """One SGD for the student's parameters, one for the projectors': per parameter the same
+    update as a single SGD over both, so that the profile can time the projectors' share."""
+
+    def __init__(self, trainable, **kwargs):
+        projectors = [p for name, p in trainable.named_parameters() if not name.startswith("student.")]
+        self.optimizers = [torch.optim.SGD(trainable.student.parameters(), **kwargs), ProjectorSGD(projectors, **kwargs)]
+        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
 
 
 class ReleasedStyleCAKD(CAKDDistiller):
@@ -58,9 +103,13 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp32: none)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (with its projectors) and the teacher")
-    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES, help="none: only the loader measurement")
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=[*MODES, "cakd_plain"],
+                   help="none: only the loader measurement; cakd_plain (not by default): cakd with " + ", ".join(f"{k}={v}" for k, v in PLAIN.items()))
+    p.add_argument("--epoch", type=int, default=40, help="epoch of the distillation steps (cakd: lambda is 0 before epoch 26)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
+    p.add_argument("--profile", action="store_true", help="also profile the cakd step: the time of each part beyond the ideal")
+    p.add_argument("--profile-steps", type=int, default=3, help="profiled cakd steps (after --warmup untimed ones)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also measure loader throughput for these worker counts")
     p.add_argument("--data-path", default=None, help="ImageFolder root (with train/) for the loader measurement; default: generated JPEGs")
@@ -113,8 +162,9 @@ def ideal_step(student, teacher, optimizer, images, targets, amp_dtype):
     return loss
 
 
-def build_mode(mode, student, teacher, args, device, memory_format):
-    """Returns a zero-argument step function for ``mode`` and a cleanup function."""
+def build_mode(mode, student, teacher, args, device, memory_format, split_optimizer=False):
+    """Returns a step function for ``mode`` and a cleanup function; ``split_optimizer``: the
+    projectors get their own SGD (for the profile)."""
     student = copy.deepcopy(student)
     if mode == "ideal":
         student.to(device, memory_format=memory_format)
@@ -124,21 +174,25 @@ def build_mode(mode, student, teacher, args, device, memory_format):
         return (lambda images, targets, amp_dtype: ideal_step(student_run, teacher_run, optimizer, images, targets, amp_dtype)), (
             lambda: None
         )
-    distiller = cakd.build_distiller("cakd" if mode == "released_style" else mode, student, teacher)
+    recipe = "cakd" if mode in ("released_style", "cakd_plain") else mode
+    distiller = cakd.build_distiller(recipe, student, teacher, **(PLAIN if mode == "cakd_plain" else {}))
     if mode == "released_style":
         distiller.__class__ = ReleasedStyleCAKD  # same modules and numbers, the released cost
     distiller.to(device, memory_format=memory_format)
     distiller.train()
     if args.compile:
         distiller.compile()
-    optimizer = torch.optim.SGD(distiller.trainable.parameters(), lr=1e-3, momentum=0.9)
+    if split_optimizer:
+        optimizer = StudentAndProjectorSGD(distiller.trainable, lr=1e-3, momentum=0.9)
+    else:
+        optimizer = torch.optim.SGD(distiller.trainable.parameters(), lr=1e-3, momentum=0.9)
     disc_optimizer = None
     if distiller.discriminator is not None:
-        disc_optimizer = torch.optim.SGD(distiller.discriminator.parameters(), lr=1e-5, momentum=0.9)
+        disc_optimizer = DiscriminatorSGD(distiller.discriminator.parameters(), lr=1e-5, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "fp16" else None
 
     def step(images, targets, amp_dtype):
-        return training_step(distiller, images, targets, 40, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype)["total"]
+        return training_step(distiller, images, targets, args.epoch, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype)["total"]
 
     def cleanup():
         distiller.close()
@@ -148,17 +202,23 @@ def build_mode(mode, student, teacher, args, device, memory_format):
 
 
 def peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format):
-    """Peak memory of one mode alone: build it, run a few steps, tear it down."""
+    """Peak memory of one mode alone (build it, run ``--warmup`` steps, tear it down), and the
+    time of its first step (with ``--compile``: the compilation)."""
     amp_dtype = AMP_DTYPES[args.dtype]
     reset_peak_memory(device)
     step, cleanup = build_mode(mode, student, teacher, args, device, memory_format)
-    for _ in range(args.warmup):
+    first = None
+    for _ in range(max(args.warmup, 1)):
+        start = time.perf_counter()
         loss = step(images, targets, amp_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        first = first or time.perf_counter() - start
     if not torch.isfinite(loss.detach()).item():
         raise RuntimeError(f"{mode}: non-finite loss")
     peak = peak_memory_mib(device)
     cleanup()
-    return peak
+    return peak, first
 
 
 def time_modes(student, teacher, images, targets, args, device, memory_format):
@@ -180,6 +240,62 @@ def time_modes(student, teacher, images, targets, args, device, memory_format):
     for _, cleanup in steps.values():
         cleanup()
     return times
+
+
+def part_times(events, device_time):
+    """Microseconds per part over ``events``: the ops inside each range of ``PARTS`` (outermost
+    range only) and the backward functions of the ops run inside it, matched by autograd
+    sequence number and forward thread."""
+    names = dict(PARTS)
+
+    def part_of(event):
+        while event is not None:
+            if event.name in names:
+                return event.name
+            event = event.cpu_parent
+        return None
+
+    def value(event):
+        return event.device_time_total if device_time else event.cpu_time_total
+
+    totals = dict.fromkeys(names, 0.0)
+    forward = {}  # (sequence_nr, thread) of a forward op -> its part
+    backward = []
+    for event in events:
+        if event.name.startswith("autograd::engine::evaluate_function"):
+            backward.append(event)
+            continue
+        part = part_of(event)
+        if part is None:
+            continue
+        if event.name in names and part_of(event.cpu_parent) is None:
+            totals[part] += value(event)
+        if event.sequence_nr >= 0:
+            forward[(event.sequence_nr, event.thread)] = part
+    for event in backward:
+        part = forward.get((event.sequence_nr, event.fwd_thread))
+        if part is not None:
+            totals[part] += value(event)
+    return totals
+
+
+def profile_cakd(student, teacher, images, targets, args, device, memory_format):
+    """Milliseconds per cakd step of each part in ``PARTS`` (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    amp_dtype = AMP_DTYPES[args.dtype]
+    step, cleanup = build_mode("cakd", student, teacher, args, device, memory_format, split_optimizer=True)
+    for _ in range(args.warmup):
+        step(images, targets, amp_dtype)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            step(images, targets, amp_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    cleanup()
+    totals = part_times(prof.events(), device_time=device.type == "cuda")
+    return {label: totals[name] / 1e3 / args.profile_steps for name, label in PARTS}
 
 
 def loader_throughput(dataset, workers, batch_size, num_batches):
@@ -234,23 +350,41 @@ def main(argv=None):
           f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
     if not args.modes and not args.loader_workers:
         raise SystemExit("nothing to measure: give --modes and/or --loader-workers")
-    peaks = {mode: peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format) for mode in args.modes}
+    peaks, firsts = {}, {}
+    for mode in args.modes:
+        peaks[mode], firsts[mode] = peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format)
     times = time_modes(student, teacher, images, targets, args, device, memory_format) if args.modes else {}
     rows = []
     for mode in args.modes:
         median = statistics.median(times[mode])
         rows.append({"mode": mode, "median_s": median, "img_per_s": args.batch_size / median, "peak_mib": peaks[mode],
+                     "first_step_s": firsts[mode],
                      "times_s": times[mode]})
     ideal = next((r for r in rows if r["mode"] == "ideal"), None)
+    first = " first step (s) |" if args.compile else ""  # the compilation
     if rows:
-        print("| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |")
-        print("|---|---|---|---|---|---|")
+        print(f"| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |{first}")
+        print("|---|---|---|---|---|---|" + "---|" * bool(first))
     for r in rows:
         if ideal:
             r["time_ratio"] = r["median_s"] / ideal["median_s"]
             r["memory_ratio"] = r["peak_mib"] / ideal["peak_mib"]
         ratios = f"{r['time_ratio']:.3f} | {r['memory_ratio']:.3f}" if ideal else "- | -"
-        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |")
+        compile_s = f" {r['first_step_s']:.1f} |" if first else ""
+        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |{compile_s}")
+    profile_rows = profile_cakd(student, teacher, images, targets, args, device, memory_format) if args.profile else {}
+    if profile_rows:
+        ideal_ms = ideal["median_s"] * 1e3 if ideal else None
+        unit = "kernel time" if device.type == "cuda" else "CPU time"
+        print(f"\n| part of the cakd step beyond the ideal ({unit}, {args.profile_steps} profiled steps) | ms per step | % of the ideal step |")
+        print("|---|---|---|")
+        cakd_row = next((r for r in rows if r["mode"] == "cakd"), None)
+        extra = [("sum of the parts", sum(profile_rows.values()))]
+        if ideal and cakd_row:
+            extra.append(("measured: cakd - ideal (timed medians)", (cakd_row["median_s"] - ideal["median_s"]) * 1e3))
+        for label, ms in [*profile_rows.items(), *extra]:
+            share = f"{100 * ms / ideal_ms:.1f}" if ideal_ms else "-"
+            print(f"| {label} | {ms:.1f} | {share} |")
     loader_rows = measure_loader(args) if args.loader_workers else []
     if loader_rows:
         print("\n| loader workers | img/s | img/s per worker |")
@@ -260,7 +394,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "device": device_name, "torch": torch.__version__, "steps": rows,
-                       "loader": loader_rows}, f, indent=2)
+                       "profile_ms": profile_rows, "loader": loader_rows}, f, indent=2)
     return rows
 
 

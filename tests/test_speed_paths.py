@@ -1,11 +1,16 @@
 """The optimized paths give the plain path's losses: batched group-wise projector,
-channels_last, bf16 autocast on the CPU."""
+channels_last, bf16 autocast on the CPU, folded attention maps, the lambda = 0 step; and the
+benchmark's profile."""
 import copy
+import functools
 
 import pytest
 import torch
+import torchvision
 
 import cakd
+import test_exactness
+from cakd.train.engine import training_step
 from reference_impl import make_small_pair
 
 
@@ -106,7 +111,8 @@ def test_benchmark_script_runs_and_reports_every_mode(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(root, "scripts", "benchmark.py"), "--device", "cpu", "--batch-size", "2",
            "--student", "resnet18", "--teacher", "vit_b_32", "--image-size", "64", "--num-classes", "10",
-           "--steps", "2", "--warmup", "1", "--loader-workers", "0", "--loader-batches", "1", "--json", str(out)]
+           "--steps", "2", "--warmup", "1", "--loader-workers", "0", "--loader-batches", "1", "--json", str(out),
+           "--profile", "--profile-steps", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -116,3 +122,145 @@ def test_benchmark_script_runs_and_reports_every_mode(tmp_path):
         assert row["median_s"] > 0 and row["peak_mib"] > 0 and row["time_ratio"] > 0
     assert report["loader"][0]["images_per_s"] > 0
     assert "| cakd |" in result.stdout
+    parts = report["profile_ms"]
+    assert parts["attention projector and its maps"] > 0 and parts["discriminator forward/backward"] > 0
+    assert parts["optimizer of the projectors"] > 0 and "| sum of the parts |" in result.stdout
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(96, 16), (224, 32)])
+def test_folded_maps_pass_the_yardstick(monkeypatch, image_size, patch_size):
+    """``map_fold="always"``: the student's q k^T map as ``S (W_q^T W_k) S^T`` even on these small
+    batches (where "auto" would not fold), the teacher's from its cached folded in_proj; the
+    yardstick's own checks (every loss 1e-5, every gradient 1e-4, D's buffers) pass."""
+    monkeypatch.setattr(test_exactness, "build_both", functools.partial(test_exactness.build_both, map_fold="always"))
+    student, teacher = make_small_pair(image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(5)
+    images = torch.randn(2, 3, image_size, image_size)
+    distiller, _, _ = test_exactness.run_both(student, teacher, images, torch.tensor([1, 8]), epoch=40)
+    assert distiller.trainable.pca_proj.folds(torch.zeros(2, 1, 8))
+    assert distiller._teacher_taps._folded[1] is not None  # the teacher's maps came from the folded form
+
+
+def step_state(distiller, images, targets, epoch, steps=1):
+    """Losses of the last of ``steps`` released-order steps (the trainer's ``training_step``: SGD
+    with momentum and weight decay for both), and every parameter, gradient and buffer after it."""
+    opt = torch.optim.SGD(distiller.trainable.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    d_opt = torch.optim.SGD(distiller.discriminator.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(steps):
+        losses = training_step(distiller, images, targets, epoch, opt, d_opt)
+    state = {f"{name}.grad": p.grad for name, p in distiller.named_parameters()}
+    state.update(distiller.state_dict())
+    return {k: v.detach() for k, v in losses.items()}, state
+
+
+def assert_states_close(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name] is None or b[name] is None:
+            assert a[name] is None and b[name] is None, f"{name}: a gradient on one path only"
+            continue
+        scale = b[name].double().abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(a[name].double(), b[name].double(), rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_fold_at_full_size_equals_never():
+    """ResNet-50 <- ViT-B/16, batch 6: 1176 tokens > 1024 channels, so "auto" folds the student's
+    map (and the teacher's): losses at 1e-5, and after one released-order step every gradient,
+    parameter and buffer (D's BatchNorm too) at 1e-4, against map_fold="never"."""
+    torch.manual_seed(0)
+    student = torchvision.models.resnet50(num_classes=1000)
+    teacher = test_exactness.perturb(cakd.build_teacher("vit_b_16", weights=None))
+    torch.manual_seed(8)
+    images, targets = torch.randn(6, 3, 224, 224), torch.randint(0, 1000, (6,))
+    results = []
+    for fold in ("auto", "never"):
+        torch.manual_seed(0)
+        distiller = cakd.build_distiller("cakd", copy.deepcopy(student), teacher, map_fold=fold)
+        assert distiller.trainable.pca_proj.folds(torch.zeros(6, 196, 1024)) == (fold == "auto")
+        results.append(step_state(distiller, images, targets, epoch=40))
+        distiller.close()
+    (losses, state), (plain_losses, plain_state) = results
+    for name in plain_losses:
+        torch.testing.assert_close(losses[name], plain_losses[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert_states_close(state, plain_state)
+
+
+def test_teacher_fold_follows_the_teacher_weights(setup):
+    """The teacher's folded in_proj (biases included) is cached per weight tensor and version: after
+    an in-place load and after ``.double()`` the maps still equal the unfolded ones."""
+    from cakd.taps import teacher_taps
+
+    _, teacher, images, _ = setup
+    teacher = copy.deepcopy(teacher)
+    taps = teacher_taps(teacher, 96)
+    attn = teacher.encoder.layers[-1].self_attention
+
+    def check(x):
+        with torch.no_grad():
+            taps.fold = "auto"
+            folded = taps(x)
+            taps.fold = "never"
+            plain = taps(x)
+        for key in ("attn_qk", "attn_vv"):
+            torch.testing.assert_close(folded[key], plain[key], rtol=1e-5, atol=1e-5 * plain[key].abs().max().item())
+
+    check(images)
+    state = {k: v + 0.3 * torch.randn_like(v) if k.endswith("self_attention.in_proj_weight") or k.endswith("in_proj_bias") else v
+             for k, v in teacher.state_dict().items()}
+    teacher.load_state_dict(state)  # in place: same tensors, new versions
+    check(images)
+    teacher.double()
+    check(images.double())
+    assert taps._folded[1].dtype == torch.float64 and attn.in_proj_weight.dtype == torch.float64
+    taps.remove()
+
+
+def test_zero_lambda_step_is_the_plain_step(setup):
+    """At lambda = 0 (the released recipe's epochs 0-25) the projectors run without autograd and
+    get zero gradients: two released-order SGD steps (momentum, weight decay) leave every
+    loss, gradient, parameter and buffer as the plain step does; a non-finite distillation term
+    still makes the total non-finite (so the trainer still stops)."""
+    student, teacher, images, targets = setup
+    results = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        distiller = cakd.build_distiller("cakd", copy.deepcopy(student), teacher, zero_lambda_no_grad=skip)
+        results.append(step_state(distiller, images, targets, epoch=0, steps=2))
+        losses = distiller(images, targets, epoch=0)
+        assert losses["pca"].requires_grad is not skip  # the fast path ran (or not)
+        for p in distiller.trainable.projector_parameters():
+            assert p.grad is not None and (not skip or not p.grad.any())
+        with torch.no_grad():
+            distiller.trainable.gl_proj.bias[0, 0] = float("inf")
+        assert not torch.isfinite(distiller(images, targets, epoch=0)["total"])
+        distiller.close()
+    (losses, state), (plain_losses, plain_state) = results
+    for name in plain_losses:
+        torch.testing.assert_close(losses[name], plain_losses[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert_states_close(state, plain_state)
+
+
+def test_profile_matches_backward_to_its_range():
+    """``part_times`` counts the backward of the ops run inside a range (the Linear's) in that
+    range, and not the backward of ops run outside it (the loss's)."""
+    from benchmark import part_times
+    from torch.profiler import profile, record_function
+
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256, requires_grad=True)
+    with profile() as prof:
+        with record_function("cakd.groupwise_projector"):
+            y = layer(x)
+        y.square().sum().backward()
+    events = prof.events()
+
+    def total(names):
+        return sum(e.cpu_time_total for e in events if e.name in names)
+
+    forward = total({"cakd.groupwise_projector"})
+    inside = total({"autograd::engine::evaluate_function: AddmmBackward0", "autograd::engine::evaluate_function: TBackward0"})
+    outside = total({"autograd::engine::evaluate_function: PowBackward0", "autograd::engine::evaluate_function: SumBackward0"})
+    totals = part_times(events, device_time=False)
+    assert inside > 0 and outside > 0
+    assert totals["cakd.groupwise_projector"] == pytest.approx(forward + inside)
+    assert totals["cakd.attention_projector"] == 0
