@@ -39,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import cakd  # noqa: E402
 from cakd.distillers import CAKDDistiller  # noqa: E402
+from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.data import ClassificationPresetTrain, ImageFolder  # noqa: E402
 from cakd.train.engine import autocast, training_step  # noqa: E402
 from make_image_folder import make_image_folder  # noqa: E402
@@ -92,19 +93,23 @@ class ReleasedStyleCAKD(CAKDDistiller):
         return self._teacher_taps(images)
 
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--student", default="resnet50")
-    p.add_argument("--teacher", default="vit_b_16")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--num-classes", type=int, default=1000)
+class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the flags' help, the description as written."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=Formatter)
+    p.add_argument("--device", default=None, help="the device to time on (default: cuda when there is one, else cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--student", default="resnet50", help="torchvision student")
+    p.add_argument("--teacher", default="vit_b_16", help="teacher, random weights")
+    p.add_argument("--image-size", type=int, default=224, help="input resolution")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of both networks")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp32: none)")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (with its projectors) and the teacher")
     p.add_argument("--modes", nargs="*", default=list(MODES), choices=[*MODES, "cakd_plain"],
-                   help="none: only the loader measurement; cakd_plain (not by default): cakd with " + ", ".join(f"{k}={v}" for k, v in PLAIN.items()))
+                   help="none: only the loader measurement; cakd_plain (only when named): cakd with " + ", ".join(f"{k}={v}" for k, v in PLAIN.items()))
     p.add_argument("--epoch", type=int, default=40, help="epoch of the distillation steps (cakd: lambda is 0 before epoch 26)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
@@ -113,8 +118,14 @@ def get_args(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also measure loader throughput for these worker counts")
     p.add_argument("--data-path", default=None, help="ImageFolder root (with train/) for the loader measurement; default: generated JPEGs")
-    p.add_argument("--loader-batches", type=int, default=10)
-    return p.parse_args(argv)
+    p.add_argument("--loader-batches", type=int, default=10, help="batches timed per worker count")
+    return p
+
+
+def get_args(argv=None):
+    args = get_args_parser().parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return args
 
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -336,11 +347,7 @@ def main(argv=None):
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     student = cakd.build_student(args.student, num_classes=args.num_classes)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        teacher = cakd.build_teacher(args.teacher, weights=None, image_size=args.image_size, num_classes=args.num_classes)
+    teacher = cakd.build_teacher(args.teacher, weights="none", image_size=args.image_size, num_classes=args.num_classes)
     teacher.to(device, memory_format=memory_format)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
     targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)

@@ -31,18 +31,22 @@ def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, s
     return root
 
 
-def main(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(
         description="Write a small ImageNet-style folder of generated images",
         allow_abbrev=False,
         formatter_class=HelpFormatter,
     )
     p.add_argument("root", help="the folder to write (train/ and val/ go inside)")
-    p.add_argument("--classes", default=4, type=int, help="class folders (default: %(default)s)")
-    p.add_argument("--train-per-class", default=24, type=int, help="training images per class (default: %(default)s)")
-    p.add_argument("--val-per-class", default=4, type=int, help="validation images per class (default: %(default)s)")
-    p.add_argument("--size", default=80, type=int, help="image side in pixels (default: %(default)s)")
-    args = p.parse_args(argv)
+    p.add_argument("--classes", default=4, type=int, help="class folders")
+    p.add_argument("--train-per-class", default=24, type=int, help="training images per class")
+    p.add_argument("--val-per-class", default=4, type=int, help="validation images per class")
+    p.add_argument("--size", default=80, type=int, help="image side in pixels")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     make_image_folder(args.root, args.classes, args.train_per_class, args.val_per_class, args.size)
     return 0
 
