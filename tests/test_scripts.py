@@ -278,6 +278,58 @@ def test_attention_maps_png(trained, tmp_path, capsys):
     assert code == 1 and len(err) == 1 and "holds no projectors" in err[0]
 
 
+def test_training_writes_the_attention_maps_to_tensorboard(trained):
+    """Rank 0 logs teacher | student | |difference| maps of the first 4 validation images after
+    each evaluation: 16x16 maps padded to 18 and scaled 8x, three columns, four rows."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(trained.out, "tensorboard"), size_guidance={"images": 0}).Reload()
+    tag = "attention/teacher|student|difference"
+    assert tag in events.Tags()["images"]
+    (logged,) = events.Images(tag)  # one epoch, one picture
+    assert logged.step == 0 and (logged.width, logged.height) == (3 * 144, 4 * 144)
+    image = torchvision.io.decode_image(torch.frombuffer(bytearray(logged.encoded_image_string), dtype=torch.uint8))
+    assert tuple(image.shape) == (3, 4 * 144, 3 * 144) and image.float().std() > 20
+
+
+# ----------------------------------------------------------------------------------------------
+# every checkpoint kind the trainer writes
+# ----------------------------------------------------------------------------------------------
+DRAWS_MAPS = {"cakd", "cakd_paper", "ablation_pca", "ablation_robust"}
+
+
+@pytest.mark.parametrize("config", ["baseline", "logits", "cakd", "cakd_paper", "ablation_logits", "ablation_gl",
+                                    "ablation_pca", "ablation_robust"])
+def test_every_recipe_checkpoint_goes_through_the_scripts(config, trained, tmp_path, capsys):
+    """A one-step run of each released, paper and ablation config: evaluate.py gives the
+    trainer's own numbers, export.py's check passes, attention_maps.py draws the maps where
+    there is an attention projector and says in one line why not where there is none."""
+    out = str(tmp_path / config)
+    flags = ["--config", os.path.join(ROOT, "configs", f"{config}.yaml"), "--device", "cpu", "--data-path", trained.data,
+             "--output-dir", out, "--model", "resnet18", "--teacher-weights", "none", "--train-crop-size", "64",
+             "--val-resize-size", "64", "--val-crop-size", "64", "--batch-size", "4", "--workers", "0", "--epochs", "1",
+             "--iters-per-epoch", "1", "--lr-warmup-epochs", "0"]
+    assert train_main(flags) == 0
+    capsys.readouterr()
+    record = json.loads(open(os.path.join(out, "metrics.jsonl")).read().splitlines()[-1])
+    checkpoint = os.path.join(out, "checkpoint.pth")
+
+    code, printed, err = call("evaluate", ["--checkpoint", checkpoint, "--workers", 0], capsys)
+    assert code == 0, err
+    assert trainer_line("Test:", record["acc1"], record["acc5"]) in printed
+    code, printed, err = call("export", ["--checkpoint", checkpoint, "--output", tmp_path / "student.pth"], capsys)
+    assert code == 0, err
+    png = tmp_path / "maps.png"
+    code, printed, err = call("attention_maps", ["--checkpoint", checkpoint, "--output", png, "--num-images", 1], capsys)
+    if config in DRAWS_MAPS:
+        assert code == 0, err
+        image = decode_png(png)
+        assert tuple(image.shape[1:]) == (320, 1200) and image.float().std() > 20
+    else:
+        assert code == 1 and len(err) == 1 and "attention projector" in err[0] and "no map to draw" in err[0]
+        assert not png.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # transferability.py
 # ----------------------------------------------------------------------------------------------

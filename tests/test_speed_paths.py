@@ -264,3 +264,24 @@ def test_profile_matches_backward_to_its_range():
     assert inside > 0 and outside > 0
     assert totals["cakd.groupwise_projector"] == pytest.approx(forward + inside)
     assert totals["cakd.attention_projector"] == 0
+
+
+def test_zero_lambda_path_under_ddp_trains_as_the_plain_path(tmp_path):
+    """Two gloo processes, the cakd recipe in its lambda = 0 epochs (the released first 25): the
+    projectors' zero gradients (no backward through them) go through DDP's all-reduce and the
+    final checkpoint equals, entry for entry, the run that back-propagates lambda * terms."""
+    from make_image_folder import make_image_folder
+    from test_train import assert_same_state, small_flags, torchrun
+
+    data = make_image_folder(str(tmp_path / "data"), num_classes=3, train_per_class=4, val_per_class=1, size=72)
+    states = []
+    for name, switch in (("fast", "true"), ("plain", "false")):
+        out = str(tmp_path / name)
+        flags = small_flags("cakd", data, out, epochs=1)
+        flags = flags[: flags.index("--lambda-start")] + ["--zero-lambda-no-grad", switch]  # released ramp: lambda 0
+        assert "lambda stays 0 in all 1 epoch(s)" in torchrun(flags).stdout
+        states.append(torch.load(f"{out}/checkpoint.pth", weights_only=True))
+    fast, plain = states
+    assert fast["args"]["zero_lambda_no_grad"] is True and plain["args"]["zero_lambda_no_grad"] is False
+    assert_same_state(fast, plain, skip={".args.output_dir", ".args.zero_lambda_no_grad"})
+    assert fast["optimizer"]["state"]  # the projectors' momentum buffers exist: they were stepped

@@ -83,13 +83,15 @@ def training_step(
 def unlearned_parameters(distiller, image_size, device, memory_format=torch.contiguous_format):
     """Names of the trainable parameters that a training forward and backward leaves without a
     gradient (loss switches that use none of their outputs). Leaves no trace: RNG states and
-    BatchNorm statistics are restored and the gradients dropped."""
+    BatchNorm statistics are restored and the gradients dropped. It runs a step of a late
+    epoch: where lambda is 0 the projectors get zero gradients without a backward, which
+    would hide an unused one."""
     modules = [m for m in (distiller.trainable, distiller.discriminator) if m is not None]
     buffers = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         images = torch.randn(2, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
         distiller.train()
-        distiller(images, torch.zeros(2, dtype=torch.long, device=device))["total"].backward()
+        distiller(images, torch.zeros(2, dtype=torch.long, device=device), epoch=10**6)["total"].backward()
     names = [name for name, p in distiller.trainable.named_parameters() if p.requires_grad and p.grad is None]
     with torch.no_grad():
         for buffer, saved in buffers:

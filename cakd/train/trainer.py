@@ -132,7 +132,7 @@ class Run:
         if self.map_images is not None:
             self.distiller.eval()
             teacher, student = self.distiller.attention_maps(self.map_images)
-            self.tensorboard.image("attention/teacher|student|difference", map_grid(teacher.cpu(), student.cpu()), epoch)
+            self.tensorboard.image("attention/teacher|student|difference", map_grid(teacher.cpu(), student.cpu(), cell=128), epoch)
 
     def _check_every_parameter_learns(self):
         """Refuse loss switches that leave a trainable parameter without a gradient: DDP would
@@ -301,7 +301,7 @@ def lambda_schedule(distiller, epochs):
     scope = "on every distillation term" if distiller.config.lambda_scope == "all" else "on the adversarial term"
     nonzero = [epoch for epoch, weight in enumerate(weights) if weight > 0]
     if not nonzero:
-        return f"lambda stays 0 for all {epochs} epochs: the distillation terms are logged but do not train"
+        return f"lambda stays 0 in all {epochs} epoch(s): the distillation terms are logged but do not train"
     first, top = nonzero[0], max(weights)
     reached = weights.index(top)
     if first == reached:
