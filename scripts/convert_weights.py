@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from cakd.checkpoint import load_strict, save_atomic  # noqa: E402
 from cakd.models import deit_b, swin_l  # noqa: E402
 from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import UserError, run_and_report  # noqa: E402
+from cakd.train.tools import UserError, check_output, run_and_report  # noqa: E402
 
 # Buffers the target builds itself from its window size; releases store some of them.
 COMPUTED = ("relative_position_index", "attn_mask")
@@ -255,10 +255,7 @@ def read_state_dict(path):
 
 
 def run(args):
-    if os.path.exists(args.output) and os.path.abspath(args.output) == os.path.abspath(args.input):
-        raise UserError(f"--output {args.output} is the input itself: choose another file")
-    if os.path.exists(args.output) and not args.force:
-        raise UserError(f"{args.output} exists: pass --force to overwrite it")
+    check_output(args.output, args.input, args.force)
     state = read_state_dict(args.input)
     try:
         if args.arch == "swin_l":

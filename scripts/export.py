@@ -28,6 +28,7 @@ from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
+    check_output,
     load_student,
     pick,
     run_and_report,
@@ -108,10 +109,7 @@ def check_round_trip(state, reference, arch, crop, image_size):
 
 
 def run(args):
-    if os.path.exists(args.output) and os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
-        raise UserError(f"--output {args.output} is the checkpoint itself: choose another file")
-    if os.path.exists(args.output) and not args.force:
-        raise UserError(f"{args.output} exists: pass --force to overwrite it")
+    check_output(args.output, args.checkpoint, args.force, "the checkpoint")
     checkpoint = SourceCheckpoint(args.checkpoint)
     arch = student_arch(checkpoint, args.model)
     reference = reference_student(checkpoint, args.which, arch)

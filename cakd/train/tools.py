@@ -200,6 +200,14 @@ def build_eval_teacher(name, weights, image_size, num_classes, seed=None, studen
         raise UserError(str(error)) from None
 
 
+def check_output(output, source, force, what="the input"):
+    """``output`` may be written: it is not ``source`` and, unless ``force``, does not exist."""
+    if os.path.exists(output) and os.path.abspath(output) == os.path.abspath(source):
+        raise UserError(f"--output {output} is {what} itself: choose another file")
+    if os.path.exists(output) and not force:
+        raise UserError(f"{output} exists: pass --force to overwrite it")
+
+
 def val_folder(data_path):
     """``DATA/val`` of a training data path, or ``data_path`` itself when it is a folder of classes."""
     check_data_path(data_path, "pass --data-path, a folder with val/<class>/ images or the val folder itself")
