@@ -192,6 +192,20 @@ def test_saved_config_neither_resumes_nor_only_tests(tmp_path):
     assert (again.resume, again.test_only, again.start_epoch, again.lr) == ("", False, 0, 0.3)
 
 
+def test_a_config_the_trainer_wrote_loads_again(tmp_path):
+    """config.yaml keeps the process count of the run (world_size, set by torchrun, no flag):
+    --config on it must still parse."""
+    from cakd.train.distributed import init_distributed_mode
+
+    args = parse_args(["--lr", "0.3"])
+    init_distributed_mode(args)
+    args.world_size = 8  # as under torchrun --nproc_per_node 8
+    path = str(tmp_path / "config.yaml")
+    save_config(args, path)
+    assert yaml.safe_load(open(path))["world_size"] == 8
+    assert parse_args(["--config", path]).lr == 0.3
+
+
 # ---- help that helps ---------------------------------------------------------------------------
 def parsers():
     """The trainer's parser and every script's."""

@@ -245,6 +245,7 @@ def load_yaml(path, parser, _seen=()):
             parser.error(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}")
     if not isinstance(data, dict):
         parser.error(f"config file {path} must be a mapping of flag names to values")
+    data.pop("world_size", None)  # the process count a saved run had: torchrun sets it, not a flag
     defaults = {}
     if data.get("config"):
         parent = os.path.join(os.path.dirname(path), str(data.pop("config")))
