@@ -1,5 +1,6 @@
 """Import of the released checkpoint layout; export of a plain torchvision student."""
 import os
+import stat
 
 import pytest
 import torch
@@ -128,3 +129,17 @@ def test_teacher_from_local_file_with_interpolated_position_embeddings(tmp_path)
     torch.testing.assert_close(teacher.encoder.pos_embedding[:, 0], full.encoder.pos_embedding[:, 0])
     with pytest.raises(ValueError, match="predict 5 classes, not 1000"):
         cakd.build_teacher("vit_b_32", weights=str(path), image_size=64, num_classes=1000)
+
+
+def test_save_atomic_gives_the_file_mode_of_a_plain_open(tmp_path):
+    """Checkpoints get the user's usual mode (0666 less the umask), not mkstemp's private 0600."""
+    for umask in (0o022, 0o077):
+        old = os.umask(umask)
+        try:
+            path = str(tmp_path / f"ckpt_{umask:o}.pth")
+            save_atomic({"a": torch.ones(1)}, path)
+            with open(tmp_path / f"plain_{umask:o}", "w"):
+                pass
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == stat.S_IMODE(os.stat(tmp_path / f"plain_{umask:o}").st_mode) == 0o666 & ~umask
