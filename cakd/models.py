@@ -130,19 +130,20 @@ def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=No
     """
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}: choose one of {', '.join(TEACHERS)}")
+    meta = _meta(name)  # the architecture's sizes, with no memory or arithmetic
     if name in VIT_TEACHERS:
-        patch_size = _meta(name).patch_size
+        patch_size = meta.patch_size
         if image_size % patch_size:
             raise ValueError(
                 f"image size {image_size} is not a multiple of {name}'s patch size {patch_size}: "
                 f"use a crop size such as {max(patch_size, image_size // patch_size * patch_size)}"
             )
     else:
-        swin_grid(_meta(name), image_size, name)  # raises when one window cannot cover the grid
+        swin_grid(meta, image_size, name)  # raises when one window cannot cover the grid
     state_dict = None
     if not no_weights(weights):
         state_dict = load_state_dict(name, weights, progress)
-        head = classifier_key(_meta(name))
+        head = classifier_key(meta)
         file_classes = state_dict[head + ".weight"].shape[0]
         if num_classes is not None and num_classes != file_classes:
             raise ValueError(f"teacher weights {weights!r} predict {file_classes} classes, not {num_classes}")

@@ -24,17 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from cakd.models import IMAGENET_MEAN, IMAGENET_STD, num_classes_of  # noqa: E402
+from cakd.models import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from cakd.train.figures import pyplot, save  # noqa: E402
 from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
-    build_val_dataset,
-    check_class_count,
-    pick,
     rebuild_distiller,
     run_and_report,
+    training_crop_val_dataset,
 )
 
 
@@ -101,12 +99,7 @@ def run(args):
     distiller, teacher = rebuild_distiller(checkpoint, model=args.model, teacher=args.teacher, teacher_weights=args.teacher_weights)
     if distiller.trainable.pca_proj is None:
         raise UserError(f"{args.checkpoint} was trained without the attention projector (use_pca: false): no map to draw")
-    crop = pick(checkpoint, "train_crop_size")  # the distiller's grid
-    dataset = build_val_dataset(
-        pick(checkpoint, "data_path", args.data_path), pick(checkpoint, "val_resize_size", args.val_resize_size), crop,
-        pick(checkpoint, "interpolation"),
-    )
-    check_class_count(num_classes_of(distiller.student), dataset, args.checkpoint)
+    dataset = training_crop_val_dataset(checkpoint, distiller.student, args.data_path, args.val_resize_size)
     device = torch.device(args.device)
     distiller.to(device)
 

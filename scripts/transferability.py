@@ -25,16 +25,14 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from cakd.models import num_classes_of  # noqa: E402
 from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import (  # noqa: E402
     SourceCheckpoint,
     UserError,
-    build_val_dataset,
-    check_class_count,
     pick,
     rebuild_distiller,
     run_and_report,
+    training_crop_val_dataset,
 )
 
 PAPER = {"vit_b_16": (0.78, 0.56), "swin_l": (0.73, 0.53)}  # Figure 3(b), ResNet-50 student: CAKD, direct mapping
@@ -86,11 +84,7 @@ def run(args):
     has_projectors = checkpoint.recipe() == "cakd"
     # a baseline or logits run's student gets the cakd recipe's taps, and no projectors
     distiller, teacher = rebuild_distiller(checkpoint, recipe="cakd", teacher=args.teacher, teacher_weights=args.teacher_weights)
-    crop = pick(checkpoint, "train_crop_size")  # the distiller's grid
-    dataset = build_val_dataset(
-        pick(checkpoint, "data_path", args.data_path), pick(checkpoint, "val_resize_size"), crop, pick(checkpoint, "interpolation")
-    )
-    check_class_count(num_classes_of(distiller.student), dataset, args.checkpoint)
+    dataset = training_crop_val_dataset(checkpoint, distiller.student, args.data_path)
     if args.num_images is not None:
         if args.num_images < 1:
             raise UserError("--num-images must be at least 1")

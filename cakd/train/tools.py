@@ -234,6 +234,17 @@ def build_val_dataset(data_path, resize_size, crop_size, interpolation="bilinear
     return dataset
 
 
+def training_crop_val_dataset(checkpoint, student, data_path=None, resize_size=None):
+    """The run's validation images at its training crop (the distiller's token grid), their
+    class count checked against ``student``'s: what the maps and features are drawn from."""
+    dataset = build_val_dataset(
+        pick(checkpoint, "data_path", data_path), pick(checkpoint, "val_resize_size", resize_size),
+        pick(checkpoint, "train_crop_size"), pick(checkpoint, "interpolation"),
+    )
+    check_class_count(num_classes_of(student), dataset, checkpoint.path)
+    return dataset
+
+
 def check_class_count(num_classes, dataset, what):
     found = len(dataset.classes)
     if num_classes != found:
