@@ -16,7 +16,7 @@ from ..multiview import TRANSFORMS, MultiViewGenerator
 from .data import ShardSampler
 from .distributed import any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
-from .signals import StopRequest, sigterm_held  # noqa: F401  (StopRequest: imported from here too)
+from .signals import sigterm_held
 
 
 class TrainingError(Exception):

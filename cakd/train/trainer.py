@@ -22,12 +22,13 @@ from ..distillers import BaselineDistiller, StudentWithProjectors, build_distill
 from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
-from .engine import StopRequest, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
+from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .errors import UserError, first_to_report, one_line, print_error
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
 from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+from .signals import StopRequest
 
 
 class Run:
