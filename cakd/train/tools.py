@@ -4,15 +4,15 @@ its EMA, its projectors or its teacher; the validation folder with the recipe's 
 the seed README's published numbers; and the one-line error convention of the trainer.
 """
 import argparse
-import dataclasses
 import os
 
 import torch
 from torchvision.transforms import InterpolationMode
 
 from ..checkpoint import StateMismatch, _strip_prefix, load_strict, split_reference_state_dict
-from ..distillers import DISTILLERS, build_distiller
+from ..distillers import build_distiller
 from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
+from .config import distiller_option_fields
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
 from .errors import UserError, one_line, print_error
 from .resume import CheckpointError, load_checkpoint
@@ -170,7 +170,7 @@ def rebuild_distiller(checkpoint, recipe=None, model=None, teacher=None, teacher
     built = build_eval_teacher(
         name, weights, image_size, num_classes_of(student), seed=pick(checkpoint, "seed"), student=pick(checkpoint, "model", model)
     )
-    fields = {f.name for recipe_class in DISTILLERS.values() for f in dataclasses.fields(recipe_class.config_class)}
+    fields = {f.name for f in distiller_option_fields()} | {"label_smoothing"}  # what the trainer passes
     overrides = {k: v for k, v in checkpoint.args.items() if k in fields and v is not None} if recipe == saved else {}
     try:
         distiller = build_distiller(recipe, student, built, image_size=image_size, **overrides)
