@@ -20,6 +20,10 @@ process (``--epoch 0`` for the lambda = 0 path).
 inside a range, plus their backward (matched by autograd sequence number), plus the optimizer
 steps of the discriminator and of the projectors (stepped by their own SGD here, the same update
 as one SGD over student and projectors). CPU time on the CPU, kernel time on a GPU.
+
+``--flops`` adds each mode's floating-point operations per step (counted on an eager step) and
+their ratio to the ideal's: the arithmetic a mode asks for, a floor under its time ratio on a
+device bound by arithmetic, whatever the implementation.
 """
 import argparse
 import copy
@@ -115,6 +119,7 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode")
     p.add_argument("--profile", action="store_true", help="also profile the cakd step: the time of each part beyond the ideal")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled cakd steps (after --warmup untimed ones)")
+    p.add_argument("--flops", action="store_true", help="also count each mode's floating-point operations per step (eager)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also measure loader throughput for these worker counts")
     p.add_argument("--data-path", default=None, help="ImageFolder root (with train/) for the loader measurement; default: generated JPEGs")
@@ -309,6 +314,41 @@ def profile_cakd(student, teacher, images, targets, args, device, memory_format)
     return {label: totals[name] / 1e3 / args.profile_steps for name, label in PARTS}
 
 
+def cpu_attention_flops(query, key, value, *args, out_shape=None, products=2, **kwargs):
+    """FLOPs of torch's fused CPU attention, which the flop counter does not know, counted as it
+    counts the GPU's: ``products`` (N, d) x (d, M) products per head, 2 forward (q k^T, scores v)."""
+    batch, heads, rows, width = query
+    return products * 2 * batch * heads * rows * key[2] * width
+
+
+def cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    """Backward: 5 products (the scores recomputed, then the gradients of scores, v, q and k)."""
+    return cpu_attention_flops(query, key, value, products=5)
+
+
+def count_flops(mode, student, teacher, images, targets, args, device, memory_format):
+    """Floating-point operations of one eager step of ``mode`` (after one uncounted step), from
+    ``torch.utils.flop_counter`` (matmuls, convolutions and attention, forward and backward;
+    elementwise ops are not counted). MultiheadAttention's fused inference path is switched off
+    while counting: the counter cannot see inside it, and the unfused path does the same products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    amp_dtype = AMP_DTYPES[args.dtype]
+    step, cleanup = build_mode(mode, student, teacher, argparse.Namespace(**{**vars(args), "compile": False}), device, memory_format)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+                     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops}
+    try:
+        step(images, targets, amp_dtype)
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            step(images, targets, amp_dtype)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        cleanup()
+    return counter.get_total_flops()
+
+
 def loader_throughput(dataset, workers, batch_size, num_batches):
     """Images per second of a fresh DataLoader over ``num_batches`` batches after one warm-up
     batch (which pays for worker start-up). Indices wrap around a dataset that is too short."""
@@ -371,18 +411,25 @@ def main(argv=None):
         rows.append({"mode": mode, "median_s": median, "img_per_s": args.batch_size / median, "peak_mib": peaks[mode],
                      "first_step_s": firsts[mode],
                      "times_s": times[mode]})
+    if args.flops:
+        for row in rows:
+            row["flops"] = count_flops(row["mode"], student, teacher, images, targets, args, device, memory_format)
     ideal = next((r for r in rows if r["mode"] == "ideal"), None)
-    first = " first step (s) |" if args.compile else ""  # the compilation
+    extra = (" first step (s) |" if args.compile else "") + (" GFLOPs | FLOPs / ideal |" if args.flops else "")
     if rows:
-        print(f"| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |{first}")
-        print("|---|---|---|---|---|---|" + "---|" * bool(first))
+        print(f"| mode | median step (s) | img/s | peak memory (MiB) | time / ideal | memory / ideal |{extra}")
+        print("|---|---|---|---|---|---|" + "---|" * extra.count("|"))
     for r in rows:
         if ideal:
             r["time_ratio"] = r["median_s"] / ideal["median_s"]
             r["memory_ratio"] = r["peak_mib"] / ideal["peak_mib"]
+            if args.flops:
+                r["flops_ratio"] = r["flops"] / ideal["flops"]
         ratios = f"{r['time_ratio']:.3f} | {r['memory_ratio']:.3f}" if ideal else "- | -"
-        compile_s = f" {r['first_step_s']:.1f} |" if first else ""
-        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |{compile_s}")
+        cells = f" {r['first_step_s']:.1f} |" if args.compile else ""  # the compilation
+        if args.flops:
+            cells += f" {r['flops'] / 1e9:.1f} | {r['flops_ratio']:.3f} |" if ideal else f" {r['flops'] / 1e9:.1f} | - |"
+        print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |{cells}")
     profile_rows = profile_cakd(student, teacher, images, targets, args, device, memory_format) if args.profile else {}
     if profile_rows:
         ideal_ms = ideal["median_s"] * 1e3 if ideal else None

@@ -112,7 +112,7 @@ def test_benchmark_script_runs_and_reports_every_mode(tmp_path):
     cmd = [sys.executable, os.path.join(root, "scripts", "benchmark.py"), "--device", "cpu", "--batch-size", "2",
            "--student", "resnet18", "--teacher", "vit_b_32", "--image-size", "64", "--num-classes", "10",
            "--steps", "2", "--warmup", "1", "--loader-workers", "0", "--loader-batches", "1", "--json", str(out),
-           "--profile", "--profile-steps", "1"]
+           "--profile", "--profile-steps", "1", "--flops"]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -125,6 +125,13 @@ def test_benchmark_script_runs_and_reports_every_mode(tmp_path):
     parts = report["profile_ms"]
     assert parts["attention projector and its maps"] > 0 and parts["discriminator forward/backward"] > 0
     assert parts["optimizer of the projectors"] > 0 and "| sum of the parts |" in result.stdout
+    flops = {row["mode"]: row["flops"] for row in report["steps"]}
+    # the teacher's forward, counted from ViT-B/32's shapes: 2 images of 4 patches + the class token
+    b, n, d, mlp = 2, 5, 768, 3072
+    per_layer = b * n * d * 3 * d + 2 * b * n * n * d + b * n * d * d + 2 * b * n * d * mlp  # qkv, two attention products, out, MLP
+    teacher = 2 * (b * 4 * 3 * 32 * 32 * d + 12 * per_layer + b * d * 10)  # patch embedding, 12 blocks, head
+    assert flops["ideal"] - flops["baseline"] == teacher  # fused attention included
+    assert flops["logits"] == flops["ideal"] < flops["cakd"] < flops["released_style"]
 
 
 @pytest.mark.parametrize("image_size,patch_size", [(96, 16), (224, 32)])
