@@ -22,8 +22,8 @@ steps of the discriminator and of the projectors (stepped by their own SGD here,
 as one SGD over student and projectors). CPU time on the CPU, kernel time on a GPU.
 
 ``--flops`` adds each mode's floating-point operations per step (counted on an eager step) and
-their ratio to the ideal's: the arithmetic a mode asks for, a floor under its time ratio on a
-device bound by arithmetic, whatever the implementation.
+their ratio to the ideal's: the arithmetic a mode asks for, which its time ratio settles near on
+a device bound by arithmetic.
 """
 import argparse
 import copy
