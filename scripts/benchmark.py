@@ -15,7 +15,7 @@ its targets attached, so every step also back-propagates through the ViT. ``cakd
 for by ``--modes``) is the cakd step with its switchable speed paths off, for an A/B in one
 process (``--epoch 0`` for the lambda = 0 path).
 
-``--profile`` adds, for the cakd step, the time of each part it adds to the ideal, from the
+``--profile`` adds, for the (eager) cakd step, the time of each part it adds to the ideal, from the
 ``torch.profiler`` ranges the method code opens (``cakd.attention_projector``, ...): the ops run
 inside a range, plus their backward (matched by autograd sequence number), plus the optimizer
 steps of the discriminator and of the projectors (stepped by their own SGD here, the same update
@@ -258,6 +258,11 @@ def time_modes(student, teacher, images, targets, args, device, memory_format):
     return times
 
 
+def eager(args):
+    """``args`` with ``--compile`` off."""
+    return argparse.Namespace(**{**vars(args), "compile": False})
+
+
 def part_times(events, device_time):
     """Microseconds per part over ``events``: the ops inside each range of ``PARTS`` (outermost
     range only) and the backward functions of the ops run inside it, matched by autograd
@@ -296,11 +301,12 @@ def part_times(events, device_time):
 
 
 def profile_cakd(student, teacher, images, targets, args, device, memory_format):
-    """Milliseconds per cakd step of each part in ``PARTS`` (see the module docstring)."""
+    """Milliseconds per eager cakd step of each part in ``PARTS`` (see the module docstring);
+    eager with ``--compile`` too, since dynamo drops the ranges inside compiled code."""
     from torch.profiler import ProfilerActivity, profile
 
     amp_dtype = AMP_DTYPES[args.dtype]
-    step, cleanup = build_mode("cakd", student, teacher, args, device, memory_format, split_optimizer=True)
+    step, cleanup = build_mode("cakd", student, teacher, eager(args), device, memory_format, split_optimizer=True)
     for _ in range(args.warmup):
         step(images, targets, amp_dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -334,7 +340,7 @@ def count_flops(mode, student, teacher, images, targets, args, device, memory_fo
     from torch.utils.flop_counter import FlopCounterMode
 
     amp_dtype = AMP_DTYPES[args.dtype]
-    step, cleanup = build_mode(mode, student, teacher, argparse.Namespace(**{**vars(args), "compile": False}), device, memory_format)
+    step, cleanup = build_mode(mode, student, teacher, eager(args), device, memory_format)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
