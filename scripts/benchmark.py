@@ -75,8 +75,8 @@ class StudentAndProjectorSGD:
     update as a single SGD over both, so that the profile can time the projectors' share."""
 
     def __init__(self, trainable, **kwargs):
-        projectors = [p for name, p in trainable.named_parameters() if not name.startswith("student.")]
-        self.optimizers = [torch.optim.SGD(trainable.student.parameters(), **kwargs), ProjectorSGD(projectors, **kwargs)]
+        self.optimizers = [torch.optim.SGD(trainable.student.parameters(), **kwargs),
+                           ProjectorSGD(trainable.projector_parameters(), **kwargs)]
         self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
 
     def zero_grad(self, set_to_none=True):

@@ -275,8 +275,8 @@ class Run:
 
     # ---- evaluation ----------------------------------------------------------------
     def evaluate(self):
-        """Top-1/top-5 of the student (and its EMA) on the validation set, and the attention maps
-        of a few validation images to TensorBoard."""
+        """Top-1/top-5 of the student (and its EMA) on the validation set, each with rank 0's
+        BatchNorm statistics (:meth:`log_attention_maps` draws the maps afterwards)."""
         for module in (self.distiller.student, self.ema.module if self.ema is not None else None):
             if module is not None:
                 dist_utils.broadcast_buffers(module)  # evaluate the copy the checkpoint keeps (rank 0's)
