@@ -165,7 +165,7 @@ def plot(runs, width, height):
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("top-1 per epoch")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="best")  # where it covers the fewest points
     fig.tight_layout()
     return fig
 
