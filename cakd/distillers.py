@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .checkpoint import load_reference_state_dict
 from .discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
+from .losses import kd_loss
 from .models import CNN_STUDENTS, head_name, num_classes_of, student_layout
 from .multiview import MultiViewGenerator
 from .projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
@@ -30,17 +31,50 @@ class BaselineConfig:
 
 @dataclass
 class LogitsConfig(BaselineConfig):
-    logits_weight: float = 1.0  # MSE(z_S, z_T)
+    """The logits term: the released MSE, or Hinton et al.'s knowledge distillation (``kd``):
+    ``(1 - kd_alpha) * CE + kd_alpha * kd_loss(z_S, z_T, kd_temperature)``."""
+
+    logits_form: str = "mse"  # "mse": logits_weight * MSE(z_S, z_T) (released); "kd": Hinton KD (the paper's "Logits")
+    logits_weight: float = 1.0  # weight of MSE(z_S, z_T) (logits_form mse)
+    kd_temperature: float = 1.0  # T of the kd form (paper silent; torchdistill's and mdistiller's ImageNet KD: 1)
+    kd_alpha: float = 0.5  # kd form: weight of the soft-target term, the label term gets 1 - kd_alpha
+
+    def __post_init__(self):
+        if self.logits_form not in CHOICES["logits_form"]:
+            raise ValueError(f"logits_form={self.logits_form!r} is not one of {', '.join(CHOICES['logits_form'])}")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"kd_alpha={self.kd_alpha!r} must be in [0, 1] (the soft-target term's share)")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature={self.kd_temperature!r} must be above 0")
+
+    def logits_term(self, student_logits, teacher_logits):
+        """The weighted logits term: ``logits_weight * MSE`` or ``kd_alpha * kd_loss``."""
+        if self.logits_form == "kd":
+            return self.kd_alpha * kd_loss(student_logits, teacher_logits, self.kd_temperature)
+        return self.logits_weight * mse(student_logits, teacher_logits)
+
+    def label_weight(self, with_logits_term: bool = True) -> float:
+        """The cross-entropy's weight: ``1 - kd_alpha`` beside a kd term, else 1."""
+        return 1.0 - self.kd_alpha if with_logits_term and self.logits_form == "kd" else 1.0
+
+
+@dataclass
+class KDConfig(LogitsConfig):
+    """Hinton et al.'s knowledge distillation (the paper's "Logits" column)."""
+
+    logits_form: str = "kd"
 
 
 # the string options of CAKDConfig and their values; the first is the released form
 CHOICES = {
+    "logits_form": ("mse", "kd"),
     "pca_form": ("released", "paper"),
     "disc_form": ("patchgan", "mlp"),
     "adv_form": ("released", "saturating", "non_saturating"),
     "lambda_form": ("ramp", "constant"),
     "lambda_scope": ("all", "adversarial"),
     "map_fold": ("auto", "always", "never"),
+    "pca_loss_norm": ("mean", "relative"),
 }
 
 
@@ -72,6 +106,8 @@ class CAKDConfig(LogitsConfig):
     zero_lambda_no_grad: bool = True  # lambda = 0: projectors run without autograd, their gradients set to zero
     # paper forms, each off (released) by default
     pca_form: str = "released"  # "paper": 3x3 convs, partial cross, softmax attention outputs (Eq. 1-4)
+    pca_loss_norm: str = "mean"  # paper form: "mean" squared error, or "relative": divided by the teacher target's mean square
+    pca_lr_factor: float = 1.0  # the attention projector's lr = factor x the student's
     pca_swap_prob: float = 0.5  # paper form: probability that an element of Q, K, V takes the teacher's value
     gl_dropout: float = 0.0  # dropout before the group-wise FCs (paper: yes, rate ours 0.1)
     multiview_prob: float = 0.0  # probability that the student sees a transformed view (paper Eq. 7: 0.5)
@@ -89,6 +125,7 @@ class CAKDConfig(LogitsConfig):
     use_adv: bool = True  # the adversarial term (and the discriminator)
 
     def __post_init__(self):
+        super().__post_init__()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -97,6 +134,8 @@ class CAKDConfig(LogitsConfig):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a probability in [0, 1]")
         if not 0.0 <= self.gl_dropout < 1.0:
             raise ValueError(f"gl_dropout={self.gl_dropout!r} must be in [0, 1)")
+        if not self.pca_lr_factor > 0:
+            raise ValueError(f"pca_lr_factor={self.pca_lr_factor!r} must be above 0 (use_pca: false leaves the projector out)")
         if self.disc_every < 1:
             raise ValueError(f"disc_every={self.disc_every!r} must be 1 or more")
         if self.use_adv and self.disc_form == "patchgan" and not self.use_pca:
@@ -106,6 +145,12 @@ class CAKDConfig(LogitsConfig):
 def mse(a, b):
     """Mean squared error in float32 (targets may come from bf16/fp16 autocast)."""
     return F.mse_loss(a.float(), b.float())
+
+
+def relative_mse(a, target):
+    """``mse(a, target) / mean(target^2)``: the squared error relative to the target's energy."""
+    target = target.float()
+    return mse(a, target) / target.pow(2).mean().clamp_min(1e-12)
 
 
 
@@ -266,6 +311,10 @@ class Distiller(nn.Module):
         """Whether the discriminator steps at global iteration ``step``."""
         return self.discriminator is not None
 
+    def lr_factors(self) -> dict:
+        """``{parameter: factor}``: trainable parameters whose lr is ``factor`` x the student's."""
+        return {}
+
     def close(self):
         """Remove every hook this distiller put on the student and teacher now (its taps also
         remove them when they are garbage-collected with the distiller)."""
@@ -287,7 +336,8 @@ class BaselineDistiller(Distiller):
 
 
 class LogitsDistiller(Distiller):
-    """Logit matching: ``L_cls + w * MSE(z_S, z_T)``."""
+    """Logit matching: ``L_cls + w * MSE(z_S, z_T)`` (released), or Hinton KD
+    ``(1 - alpha) * L_cls + alpha * kd_loss(z_S, z_T, T)`` (``logits_form="kd"``)."""
 
     config_class = LogitsConfig
 
@@ -295,8 +345,16 @@ class LogitsDistiller(Distiller):
         teacher = self.run_teacher(images)
         logits = self.run_student(images)["logits"]
         cls = self.cross_entropy(logits, targets)
-        match = self.config.logits_weight * mse(logits, teacher["logits"])
-        return {"cls": cls, "logits": match, "total": cls + match}
+        match = self.config.logits_term(logits, teacher["logits"])
+        name = "kd" if self.config.logits_form == "kd" else "logits"
+        return {"cls": cls, name: match, "total": self.config.label_weight() * cls + match}
+
+
+class KDDistiller(LogitsDistiller):
+    """Hinton et al.'s knowledge distillation, the paper's "Logits" column: the logits recipe
+    with ``logits_form="kd"`` (``T = 1``, ``alpha = 0.5`` unless set)."""
+
+    config_class = KDConfig
 
 
 class CAKDDistiller(Distiller):
@@ -323,6 +381,10 @@ class CAKDDistiller(Distiller):
 
     def disc_due(self, step: int) -> bool:
         return self.discriminator is not None and step % self.config.disc_every == 0
+
+    def lr_factors(self) -> dict:
+        proj, factor = self.trainable.pca_proj, self.config.pca_lr_factor
+        return {} if proj is None or factor == 1.0 else {p: factor for p in proj.parameters()}
 
     @torch.no_grad()
     def attention_maps(self, images):
@@ -357,20 +419,23 @@ class CAKDDistiller(Distiller):
         paper_teacher = t if c.use_pca and c.pca_form == "paper" else None
         s = self.run_student(student_images, teacher=paper_teacher, projector_grad=not skip)
         losses = {"cls": self.cross_entropy(s["logits"], targets)}
+        kd = c.use_logits and c.logits_form == "kd"
         with profiled("cakd.loss_terms"):
+            if kd:  # the paper's "Logits": its own term, beside L_proj1 and L_proj2
+                losses["kd"] = c.logits_term(s["logits"], t["logits"])
             if c.use_pca:
                 losses["pca"] = self.attention_loss(s, t)
             losses["gl"] = self.groupwise_loss(s, t)
         if self.discriminator is not None:
             losses["adv"], losses["disc"] = self.adversarial_losses(s, t)
         with profiled("cakd.loss_terms"):
-            projector_terms = [losses[name] for name in ("pca", "gl") if name in losses]
+            projector_terms = [losses[name] for name in ("kd", "pca", "gl") if name in losses]
             adv_terms = [losses["adv"]] if "adv" in losses else []
             if c.lambda_scope == "all":
                 distill = lam * sum(projector_terms + adv_terms)
             else:
                 distill = sum(projector_terms + [lam * adv for adv in adv_terms])
-            losses["total"] = losses["cls"] + distill if c.use_cls else distill
+            losses["total"] = c.label_weight(kd) * losses["cls"] + distill if c.use_cls else distill
             if skip:
                 losses["total"] = losses["total"] + ZeroGradients.apply(*self.trainable.projector_parameters())
         return losses
@@ -380,15 +445,17 @@ class CAKDDistiller(Distiller):
         the (partially crossed) softmax attention outputs plus MSE of per-head V V^T / sqrt(d)."""
         c = self.config
         if c.pca_form == "paper":
-            return c.pca_qk_weight * mse(s["attn_out"], t["attn_out"]) + c.pca_vv_weight * mse(s["value_maps"], t["value_maps"])
+            err = relative_mse if c.pca_loss_norm == "relative" else mse
+            return c.pca_qk_weight * err(s["attn_out"], t["attn_out"]) + c.pca_vv_weight * err(s["value_maps"], t["value_maps"])
         return c.pca_qk_weight * mse(s["attn_qk"], t["attn_qk"]) + c.pca_vv_weight * mse(s["attn_vv"], t["attn_vv"])
 
     def groupwise_loss(self, s, t):
-        """L_proj2: logits and class-token MSE (released; each switchable), patch-token MSE."""
+        """L_proj2: logits and class-token MSE (released; each switchable), patch-token MSE.
+        A kd-form logits term is not part of it (:meth:`forward` adds it as ``kd``)."""
         c = self.config
         terms = []
-        if c.use_logits:
-            terms.append(c.logits_weight * mse(s["logits"], t["logits"]))
+        if c.use_logits and c.logits_form == "mse":
+            terms.append(c.logits_term(s["logits"], t["logits"]))
         if c.use_token:
             terms.append(c.token_weight * mse(s["cls_token"], t["cls_token"]))
         terms.append(c.feature_weight * mse(s["patch_tokens"], t["patch_tokens"]))
@@ -434,7 +501,7 @@ class CAKDDistiller(Distiller):
         return adv, disc
 
 
-DISTILLERS = {"baseline": BaselineDistiller, "logits": LogitsDistiller, "cakd": CAKDDistiller}
+DISTILLERS = {"baseline": BaselineDistiller, "logits": LogitsDistiller, "kd": KDDistiller, "cakd": CAKDDistiller}
 
 
 def make_config(recipe: str, **overrides):
@@ -461,7 +528,7 @@ def build_distiller(recipe: str, student, teacher=None, image_size=None, **overr
     if teacher is None:
         raise ValueError(f"the {recipe} recipe needs a teacher")
     image_size = image_size or getattr(teacher, "image_size", 224)
-    if recipe == "logits":
+    if issubclass(cls, LogitsDistiller):
         taps = teacher_taps(teacher, image_size, attention=False, tokens=False)
         check_classes(recipe, student, teacher)
         return cls(StudentWithProjectors(student), teacher, teacher_taps=taps, config=config)

@@ -5,4 +5,6 @@
 # (default 0) restarts that torchrun may make after a rank dies. --resume auto: OUTPUT_DIR/checkpoint.pth
 # if there is one, so rerunning the same line (a requeue, a restart) goes on where it stopped.
 # cakd.train.launch is torchrun that saves and exits 0 on SIGTERM and prints a failure as one line.
-exec python3 -m cakd.train.launch --nproc_per_node="${NGPUS:-8}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" --max-restarts="${MAX_RESTARTS:-0}" -m cakd.train --config "$(dirname "$0")/../configs/baseline.yaml" --data-path "${DATA_PATH:-/datasets/imagenet}" --output-dir "${OUTPUT_DIR:-runs/baseline}" --resume auto "$@"
+OUTPUT_DIR=${OUTPUT_DIR:-runs/baseline}
+. "$(dirname "$0")/seeds.sh"  # SEEDS="0 1 2 3 4": one run per seed, into OUTPUT_DIR/seed_N
+exec python3 -m cakd.train.launch --nproc_per_node="${NGPUS:-8}" --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" --max-restarts="${MAX_RESTARTS:-0}" -m cakd.train --config "$(dirname "$0")/../configs/baseline.yaml" --data-path "${DATA_PATH:-/datasets/imagenet}" --output-dir "$OUTPUT_DIR" --resume auto "$@"

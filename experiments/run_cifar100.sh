@@ -12,7 +12,8 @@
 #   DATA_PATH=data/cifar100 sh experiments/run_cifar100.sh --download   # fetches CIFAR-100 once
 # TEACHER (default vit_b_16; vit_l_16, swin_l, ...), TEACHER_WEIGHTS (its ImageNet weights: default
 # IMAGENET1K_V1; swin_l needs scripts/convert_weights.py's file), STUDENT (default: the YAMLs'
-# resnet50), NGPUS (default 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (default 0).
+# resnet50), SEEDS (e.g. "0 1 2 3 4": steps 2-4 once per seed, into OUTPUT_DIR/<step>/seed_N, one teacher for
+# all), NGPUS (default 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (default 0).
 # Extra flags go to every step.
 set -e
 TEACHER=${TEACHER:-vit_b_16}
@@ -43,6 +44,8 @@ run() {  # one step with the launcher, in the background so that a SIGTERM reach
 }
 run "$OUT/teacher" --config "$CONFIGS/cifar100_teacher.yaml" --model "$TEACHER" --weights "${TEACHER_WEIGHTS:-IMAGENET1K_V1}" "$@"
 for step in baseline logits cakd; do
-    run "$OUT/$step" --config "$CONFIGS/cifar100_$step.yaml" ${STUDENT:+--model "$STUDENT"} \
-        --teacher "$TEACHER" --teacher-weights "$OUT/teacher/checkpoint.pth" "$@"
+    for seed in ${SEEDS:-""}; do  # SEEDS="0 1 2 3 4": each student step once per seed, into $step/seed_N
+        run "$OUT/$step${seed:+/seed_$seed}" --config "$CONFIGS/cifar100_$step.yaml" ${STUDENT:+--model "$STUDENT"} \
+            --teacher "$TEACHER" --teacher-weights "$OUT/teacher/checkpoint.pth" "$@" ${seed:+--seed "$seed"}
+    done
 done

@@ -9,10 +9,12 @@ Settings the run was trained with (student, eval sizes, batch size, data path, t
 from the checkpoint's saved flags; a flag given here wins. Under torchrun each process takes
 ``rank::world_size`` of the images, so the numbers count every image exactly once.
 
-``--views``: also top-1/top-5 with each multi-view transform (``cakd.multiview``) applied to
-every image, and their mean: the noisy evaluation of the paper's Figure 3 (C4, C5). The view of
-image ``i`` is drawn from a generator seeded by ``(--views-seed, transform, i)``, so two
-evaluations give the same numbers, whatever the batch size or number of processes.
+``--views``: also top-1/top-5 with each corruption of ``cakd.corruptions`` (blur, JPEG, pixelate,
+elastic, posterize: none of them a training transform) applied to every image, and their mean:
+the noisy evaluation of the paper's Figure 3 (C4, C5). ``--views-protocol train_views`` uses the
+multi-view generator's training transforms instead (not the paper's protocol). Image ``i``'s
+random draw comes from a generator seeded by ``(--views-seed, view, i)``, so two evaluations
+give the same numbers, whatever the batch size or number of processes.
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
 
+from cakd.corruptions import VIEW_PROTOCOLS  # noqa: E402
 from cakd.models import no_weights, num_classes_of  # noqa: E402
 from cakd.train import distributed as dist_utils  # noqa: E402
 from cakd.train.data import ShardSampler  # noqa: E402
@@ -79,7 +82,12 @@ def get_args_parser():
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
     p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
-    p.add_argument("--views", action="store_true", help="also evaluate on each multi-view transform of every image, and their mean (default: off)")
+    p.add_argument("--views", action="store_true", help="also evaluate on each view of --views-protocol of every image, and their mean (default: off)")
+    p.add_argument(
+        "--views-protocol", default="corruptions", choices=sorted(VIEW_PROTOCOLS),
+        help="corruptions: blur, JPEG, pixelate, elastic, posterize, unlike training (the paper's C4/C5 asks for that); "
+        "train_views: the multi-view generator's own training transforms, not the paper's protocol (default: %(default)s)",
+    )
     p.add_argument("--views-seed", default=0, type=int, help="seed of the views (default: 0, as the trainer's --eval-views)")
     p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation, as torchrun sets it (default: %(default)s)")
     return p
@@ -135,14 +143,14 @@ def run(args):
     options = dict(amp_dtype=amp_dtype, memory_format=memory_format, print_freq=max(args.print_freq, 1) * 10)
     options["header"] = HEADERS[args.which]
     if args.views:
-        numbers = evaluate_views(model, loader, device, seed=args.views_seed, **options)
+        numbers = evaluate_views(model, loader, device, seed=args.views_seed, protocol=args.views_protocol, **options)
     else:
         numbers = dict(zip(("acc1", "acc5"), evaluate(model, loader, device, **options)))
     if args.json and dist_utils.is_main_process():
         record = {"which": args.which, "checkpoint": args.checkpoint, "data": dataset.root, "images": len(dataset)}
         record.update(numbers)
         if args.views:
-            record["views_seed"] = args.views_seed
+            record["views_seed"], record["views_protocol"] = args.views_seed, args.views_protocol
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)

@@ -10,6 +10,10 @@ resumed from an earlier checkpoint) counts once, with its last value. The recipe
 come from the run's ``config.yaml`` (student and teacher default to the recipes' ResNet-50 and
 ViT-B/16, the dataset to ImageNet). "best" is the maximum over epochs of each column on its
 own; "final" is the last evaluated epoch's.
+
+Runs whose ``config.yaml`` agree on every flag but ``--seed`` (and the output folder), such as
+``SEEDS="0 1 2 3 4" sh experiments/run_cakd_paper.sh``'s ``seed_N`` folders, make one row: the
+mean ± sample standard deviation of each number over the runs, and their count n.
 """
 import argparse
 import glob
@@ -97,6 +101,7 @@ def read_run(run_dir):
                 raise UserError(f"{config_path} is not valid YAML: {str(error).splitlines()[0]}") from None
     return {
         "name": run_dir.rstrip("/"),
+        "config": config,
         "source": source,
         "recipe": config.get("recipe"),
         "epochs": config.get("epochs"),
@@ -114,6 +119,27 @@ def best_and_final(run, metric):
     return max(value for _, value in values), values[-1][1]
 
 
+NOT_COMPARED = ("seed", "output_dir", "resume")  # flags that may differ between the runs of one setting
+
+
+def group_by_setting(runs):
+    """Runs whose ``config.yaml`` agree on every flag but :data:`NOT_COMPARED` (the paper's 5
+    seeds of one setting), in order of first appearance; a run without ``config.yaml`` stays alone."""
+    groups = {}
+    for run in runs:
+        setting = {k: v for k, v in run["config"].items() if k not in NOT_COMPARED}
+        key = yaml.safe_dump(setting, sort_keys=True) if run["config"] else run["name"]
+        groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, var**0.5
+
+
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
@@ -121,18 +147,31 @@ def number(value):
     return "–" if value is None else f"{value:.2f}"
 
 
+def spread(values):
+    """``mean ± std`` of a group's values (a lone value as it is)."""
+    if len(values) == 1:
+        return number(values[0])
+    return "{} ± {}".format(*(number(v) for v in mean_std(values)))
+
+
 def table(runs):
+    """One row a setting: a lone run's numbers, or a group's mean ± std over its runs (n in the
+    run column)."""
     header = ["run", "recipe", "student <- teacher", "epochs", "top-1 best / final", "top-5 best / final",
               "EMA top-1 best / final", "EMA top-5 best / final", "published top-1 / top-5"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 5) + "|"]
-    for run in runs:
-        done = len(run["by_epoch"])
-        epochs = f"{done}/{run['epochs']}" if run["epochs"] else str(done)
+    for group in group_by_setting(runs):
+        run = group[0]
+        done = sorted({len(r["by_epoch"]) for r in group})
+        done = "/".join(map(str, done)) if len(done) > 1 else str(done[0])
+        epochs = f"{done}/{run['epochs']}" if run["epochs"] else done
         pair = run["model"] if run["recipe"] == "baseline" else f"{run['model']} <- {run['teacher']}"
-        cells = [run["name"], run["recipe"] or "?", pair, epochs]
+        name = run["name"] if len(group) == 1 else f"{', '.join(r['name'] for r in group)} (n={len(group)}, mean ± std)"
+        cells = [name, run["recipe"] or "?", pair, epochs]
         for metric in METRICS:
-            best, final = best_and_final(run, metric)
-            cells.append("–" if best is None else f"{number(best)} / {number(final)}")
+            pairs = [best_and_final(r, metric) for r in group]
+            pairs = [p for p in pairs if p[0] is not None]
+            cells.append("–" if not pairs else f"{spread([b for b, _ in pairs])} / {spread([f for _, f in pairs])}")
         numbers = published(run["dataset"], run["recipe"], run["model"], run["teacher"])
         cells.append("; ".join(f"{source} {number(top1)} / {number(top5)}" for source, top1, top5 in numbers) or "–")
         lines.append("| " + " | ".join(cells) + " |")

@@ -126,6 +126,7 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     "cakd": (lr_per_epoch(0.1, 120, (35, 65, 95), warmup_epochs=5), RELEASED_EVAL),
     "paper_setup": PAPER_IMAGENET,
     "cakd_paper": PAPER_IMAGENET,
+    "kd": PAPER_IMAGENET,
     "ablation_logits": PAPER_IMAGENET,
     "ablation_gl": PAPER_IMAGENET,
     "ablation_pca": PAPER_IMAGENET,
@@ -134,6 +135,7 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     "cifar100_baseline": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_logits": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_cakd": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_cakd_released": (PAPER_CIFAR, (224, 224, "bilinear")),
     # the teacher's fine-tuning (ours, the paper gives none): lr 0.003, one linear warmup epoch from
     # 1% of it, then a cosine decay over the other 9 epochs
     "cifar100_teacher": ([0.003 * 0.01] + [0.003 * (1 + math.cos(math.pi * k / 9)) / 2 for k in range(9)], (224, 224, "bilinear")),

@@ -22,8 +22,9 @@ from test_train import small_flags, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = dict(  # configs/cakd_paper.yaml's distiller values
-    pca_form="paper", pca_swap_prob=0.5, pca_qk_weight=1.0, pca_vv_weight=1.0, gl_dropout=0.1, feature_weight=1.0,
-    use_logits=True, logits_weight=1.0, use_token=False, use_cls=True, multiview_prob=0.5, disc_form="mlp",
+    pca_form="paper", pca_swap_prob=0.5, pca_qk_weight=1.0, pca_vv_weight=1.0, pca_loss_norm="relative",
+    pca_lr_factor=0.01, gl_dropout=0.1, feature_weight=1.0, use_logits=True, logits_form="kd", kd_temperature=1.0,
+    kd_alpha=0.5, use_token=False, use_cls=True, multiview_prob=0.5, disc_form="mlp",
     disc_every=5, disc_real_grad=True, disc_loss_weight=1.0, disc_lr_factor=0.01, adv_form="saturating",
     lambda_form="constant", lambda_constant=0.1, lambda_scope="adversarial", use_pca=True, use_adv=True,
 )
@@ -157,7 +158,8 @@ def test_evaluate_views_feeds_each_image_its_seeded_view():
             seen.append(x.clone())
             return x.flatten(1)[:, :3]  # 3 classes: top-5 is always 100
 
-    results = evaluate_views(Probe(), DataLoader(TensorDataset(images, targets), batch_size=3), torch.device("cpu"), seed=2)
+    loader = DataLoader(TensorDataset(images, targets), batch_size=3)
+    results = evaluate_views(Probe(), loader, torch.device("cpu"), seed=2, protocol="train_views")
     passes = [torch.cat(seen[j::6]) for j in range(6)]  # 3 batches, each clean then the 5 views
     assert torch.equal(passes[0], images)
     for j, name in enumerate(TRANSFORMS, start=1):
@@ -165,6 +167,15 @@ def test_evaluate_views_feeds_each_image_its_seeded_view():
         top1 = 100.0 * (passes[j].flatten(1)[:, :3].argmax(dim=1) == targets).double().mean().item()
         assert results[f"views_{name}_acc1"] == pytest.approx(top1) and results[f"views_{name}_acc5"] == 100.0
     assert results["views_mean_acc1"] == pytest.approx(sum(results[f"views_{n}_acc1"] for n in TRANSFORMS) / 5)
+    # the default protocol: the corruptions, image i's seeded by i
+    from cakd.corruptions import CORRUPTIONS, Corruptions
+
+    seen.clear()
+    results = evaluate_views(Probe(), loader, torch.device("cpu"), seed=2)
+    passes = [torch.cat(seen[j::6]) for j in range(6)]
+    for j, name in enumerate(CORRUPTIONS, start=1):
+        assert torch.equal(passes[j], Corruptions().view(images, name, range(7), seed=2)), name
+    assert set(results) == {"acc1", "acc5"} | {f"views_{n}_{k}" for n in CORRUPTIONS + ("mean",) for k in ("acc1", "acc5")}
 
 
 def test_multiview_reaches_the_student_only(small_pair, batch):
@@ -264,11 +275,17 @@ def paper_losses(student, teacher, conv_w, conv_b, gl_w, gl_b, d_weights, images
     def vv(v):
         return [vh @ vh.transpose(1, 2) / math.sqrt(d) for vh in split_heads_loop(v, heads)]
 
-    L_proj1 = F.mse_loss(torch.stack(attention(*g)), torch.stack(attention(Q_T, K_T, V_T))) + \
-        F.mse_loss(torch.stack(vv(V_S)), torch.stack(vv(V_T)))
+    def relative(student_side, teacher_side):  # our normalisation of Eq. 4's squared norms
+        return ((student_side - teacher_side) ** 2).mean() / (teacher_side**2).mean()
+
+    L_proj1 = relative(torch.stack(attention(*g)), torch.stack(attention(Q_T, K_T, V_T))) + \
+        relative(torch.stack(vv(V_S)), torch.stack(vv(V_T)))
     S = Fmap.flatten(2).transpose(1, 2)
     h_S = group_projector(S, gl_w, gl_b, grid, 4)
-    L_proj2 = F.mse_loss(h_S, T["f_T"]) + (F.mse_loss(z_S, T["z_T"]) if use_logits else 0)
+    L_proj2 = F.mse_loss(h_S, T["f_T"])
+    # the paper's "Logits", Hinton et al.'s KD at T = 1: KL(softmax(z_T) || softmax(z_S)), batch mean
+    p_T = torch.softmax(T["z_T"], dim=1)
+    L_kd = (p_T * (torch.log(p_T) - torch.log_softmax(z_S, dim=1))).sum(dim=1).mean()
     D_real, D_fake = torch.sigmoid(mlp_logit(T["f_T"], d_weights)), torch.sigmoid(mlp_logit(h_S.detach(), d_weights))
     L_D = (-torch.log(D_real) - torch.log(1 - D_fake)).mean()  # Eq. 8
     D_fake_student = torch.sigmoid(mlp_logit(h_S, d_weights))
@@ -277,8 +294,9 @@ def paper_losses(student, teacher, conv_w, conv_b, gl_w, gl_b, d_weights, images
     else:
         L_MVG = -torch.log(D_fake_student).mean()
     L_cls = F.cross_entropy(z_S, targets)
-    total = L_cls + L_proj1 + L_proj2 + 0.1 * L_MVG  # Eq. 10, plus the labels' cross-entropy
-    return dict(cls=L_cls, pca=L_proj1, gl=L_proj2, adv=L_MVG, disc=L_D, total=total)
+    labels_and_logits = 0.5 * L_cls + 0.5 * L_kd if use_logits else L_cls  # KD's (1 - alpha) CE + alpha KL
+    total = labels_and_logits + L_proj1 + L_proj2 + 0.1 * L_MVG  # Eq. 10, plus the labels and C1's KD
+    return dict(cls=L_cls, kd=0.5 * L_kd, pca=L_proj1, gl=L_proj2, adv=L_MVG, disc=L_D, total=total)
 
 
 @pytest.mark.parametrize("use_logits, adv_form", [(True, "saturating"), (False, "non_saturating")])  # the first: cakd_paper.yaml
@@ -299,8 +317,9 @@ def test_paper_losses_match_a_plain_recomputation(use_logits, adv_form):
     torch.manual_seed(11)
     ours = distiller(images, targets, epoch=0)
     ref = paper_losses(reference_student, teacher, conv_w, conv_b, gl_w, gl_b, d_weights, images, targets, 11, use_logits, adv_form)
-    for name in ("cls", "pca", "gl", "adv", "disc", "total"):
+    for name in ("cls", "kd", "pca", "gl", "adv", "disc", "total") if use_logits else ("cls", "pca", "gl", "adv", "disc", "total"):
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert ("kd" in ours) == use_logits
 
     (ours_d,) = torch.autograd.grad(ours["disc"], [layers[0].weight], retain_graph=True)
     (ref_d,) = torch.autograd.grad(ref["disc"], [d_weights[0][0]])
@@ -322,7 +341,7 @@ def test_gl_dropout_lambda_and_choices(small_pair, batch):
     assert torch.equal(proj.eval()(tokens), proj(tokens))
     assert distiller.distill_weight(0) == distiller.distill_weight(100) == 0.1
     losses = distiller(*batch, epoch=0)
-    assert set(losses) == {"cls", "pca", "gl", "adv", "disc", "total"}
+    assert set(losses) == {"cls", "kd", "pca", "gl", "adv", "disc", "total"}
     gl_only = cakd.build_distiller("cakd", student, teacher, use_pca=False, use_adv=False, use_token=False)
     assert gl_only.discriminator is None and gl_only.trainable.pca_proj is None
     assert set(gl_only(*batch, epoch=0)) == {"cls", "gl", "total"}
@@ -337,7 +356,7 @@ def test_gl_dropout_lambda_and_choices(small_pair, batch):
 ABLATIONS = ["ablation_logits", "ablation_gl", "ablation_pca", "ablation_robust"]
 
 
-@pytest.mark.parametrize("name", ["cakd_paper"] + ABLATIONS)
+@pytest.mark.parametrize("name", ["cakd_paper", "kd"] + ABLATIONS)
 def test_paper_yamls_parse_and_share_the_training_set_up(name):
     path = os.path.join(ROOT, "configs", f"{name}.yaml")
     args = parse_args(["--config", path])
@@ -348,9 +367,14 @@ def test_paper_yamls_parse_and_share_the_training_set_up(name):
     same = lambda d: {k: v for k, v in d.items() if k not in distiller_keys | {"recipe", "config"}}  # noqa: E731
     assert same(mine) == same(set_up)  # one training set-up, written once (configs/paper_setup.yaml)
     assert args.weight_decay == 1e-4 and args.norm_weight_decay is None and args.mixup_alpha == 0.0
-    assert args.clip_grad_norm == 1.0  # Eq. 4's V V^T term diverges unclipped (docs/FIDELITY.md)
+    assert args.clip_grad_norm is None  # the paper's plain SGD in every column, C1 and C2 included
+    assert config.logits_form == "kd" or not getattr(config, "use_logits", True)  # the paper's "Logits" is Hinton KD
+    if getattr(config, "use_pca", False):  # FIDELITY.md, "A paper recipe that learns"
+        assert (config.pca_loss_norm, config.pca_lr_factor) == ("relative", 0.01)
     if name == "cakd_paper":
         assert {k: getattr(config, k) for k in PAPER} == PAPER
+    if name in ("kd", "ablation_logits"):  # Figure 3's C1 is the paper's "Logits" column: Hinton KD
+        assert args.recipe == "kd" and (config.kd_temperature, config.kd_alpha) == (1.0, 0.5)
     if name in ("ablation_gl", "ablation_pca", "ablation_robust"):
         assert config.use_logits and not config.use_token and config.gl_dropout == 0.1
         assert config.use_pca == (name != "ablation_gl") and config.use_adv == (name == "ablation_robust")
@@ -378,3 +402,38 @@ def test_paper_recipe_trains_with_torchrun(data_dir, tmp_path):
     assert set(checkpoint["discriminator"]) == {f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     assert "pca_proj.to_qkv.weight" in checkpoint["projectors"] and "cls_proj.weight" not in checkpoint["projectors"]
     assert checkpoint["args"]["pca_form"] == "paper" and checkpoint["args"]["disc_every"] == 2
+
+
+# ---- noisy evaluation: a corruption protocol unlike training (Figure 3, C4 and C5) -----------------
+def test_corruptions_are_not_training_transforms_and_are_seeded_per_image():
+    from cakd.corruptions import CORRUPTIONS, VIEW_PROTOCOLS, Corruptions
+
+    assert not set(CORRUPTIONS) & set(TRANSFORMS)  # none of them a multi-view generator transform
+    assert VIEW_PROTOCOLS["corruptions"].names == CORRUPTIONS and VIEW_PROTOCOLS["train_views"].names == TRANSFORMS
+    protocol = Corruptions()
+    mean, std = MEAN_STD
+    torch.manual_seed(0)
+    images = (torch.rand(5, 3, 32, 32) - mean) / std
+    for name in CORRUPTIONS:
+        state = torch.get_rng_state()
+        whole = protocol.view(images, name, range(10, 15))
+        assert torch.equal(torch.get_rng_state(), state), name  # the global generator is left alone
+        split = torch.cat([protocol.view(images[:2], name, [10, 11]), protocol.view(images[2:], name, range(12, 15))])
+        assert torch.equal(whole, split), name  # an image's corruption does not depend on its batch
+        assert (whole != images).flatten(1).any(dim=1).all(), name  # every image corrupted
+        pixels = whole * std + mean
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, name
+    elastic = protocol.view(images, "elastic", range(5))
+    assert not torch.equal(elastic, protocol.view(images, "elastic", range(5), seed=1))  # the one random corruption
+    assert not torch.equal(elastic[:1], protocol.view(images[:1], "elastic", [7]))  # drawn per image index
+    # what each one is, written with plain torchvision calls
+    pixels = (images * std + mean).clamp(0, 1)
+    as_uint8 = (pixels * 255).round().to(torch.uint8)
+    from torchvision.transforms.v2 import functional as TF
+    expected = {
+        "posterize": TF.posterize(as_uint8, 3).float() / 255,
+        "jpeg": TF.jpeg(as_uint8, 15).float() / 255,
+        "pixelate": TF.resize(TF.resize(pixels, [8, 8], antialias=True), [32, 32], TF.InterpolationMode.NEAREST),
+    }
+    for name, value in expected.items():
+        torch.testing.assert_close(protocol.view(images, name, range(5)) * std + mean, value, atol=1e-5, rtol=0, msg=name)

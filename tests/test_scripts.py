@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from make_image_folder import make_image_folder
-from cakd.multiview import TRANSFORMS
+from cakd.corruptions import CORRUPTIONS
 from cakd.train import main as train_main
 from test_train import free_port, small_flags
 
@@ -46,7 +46,7 @@ def call(name, argv, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One epoch of the cakd recipe (projectors, EMA, random ViT-B/16 teacher at 64x64),
-    evaluated also on the multi-view transforms (``--eval-views``)."""
+    evaluated also under the corruption protocol (``--eval-views``)."""
     root = tmp_path_factory.mktemp("scripts")
     data = make_image_folder(str(root / "data"), num_classes=7, train_per_class=3, val_per_class=3, size=72)
     out = str(root / "run")
@@ -122,7 +122,7 @@ def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
         assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
 
 
-VIEW_KEYS = [f"views_{name}_{k}" for name in TRANSFORMS + ("mean",) for k in ("acc1", "acc5")]
+VIEW_KEYS = [f"views_{name}_{k}" for name in CORRUPTIONS + ("mean",) for k in ("acc1", "acc5")]
 
 
 def test_evaluate_views_agree_with_the_trainer_whatever_the_batch(trained, tmp_path, capsys):
@@ -135,10 +135,10 @@ def test_evaluate_views_agree_with_the_trainer_whatever_the_batch(trained, tmp_p
         code, out, err = call("evaluate", argv, capsys)
         assert code == 0, err
         assert trainer_line("Test:", r["acc1"], r["acc5"]) in out
-        assert f"Test: view noise Acc@1 {r['views_noise_acc1']:.3f} Acc@5 {r['views_noise_acc5']:.3f} ({VAL_IMAGES} images)" in out
+        assert f"Test: view elastic Acc@1 {r['views_elastic_acc1']:.3f} Acc@5 {r['views_elastic_acc5']:.3f} ({VAL_IMAGES} images)" in out
         written = json.loads(numbers.read_text())
         assert {key: written[key] for key in VIEW_KEYS} == {key: r[key] for key in VIEW_KEYS}, batch_size
-        assert written["views_seed"] == 0
+        assert written["views_seed"] == 0 and written["views_protocol"] == "corruptions"
 
 
 def test_evaluate_under_torchrun_counts_every_image_once(trained, tmp_path):
@@ -381,6 +381,49 @@ def synthesized_run(folder, recipe, epochs, records):
     return folder
 
 
+def test_summarize_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
+    """Three seeds of one setting make one row, mean ± sample std and n; a run of another
+    setting (another lr) stays a row of its own."""
+    def run(name, seed, lr, top1s):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(f"recipe: kd\nepochs: 2\nmodel: resnet18\nteacher: vit_b_16\nlr: {lr}\n"
+                                            f"seed: {seed}\noutput_dir: {folder}\n")
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "acc1": v, "acc5": 90.0 + e})
+                                                      + "\n" for e, v in enumerate(top1s)))
+        return str(folder)
+
+    seeds = [run("seed_0", 0, 0.1, [50.0, 60.0]), run("seed_1", 1, 0.1, [55.0, 62.0]), run("seed_2", 2, 0.1, [52.0, 67.0])]
+    other = run("lr_0.05", 0, 0.05, [40.0, 45.0])
+    code, out, err = call("summarize", [*seeds, other], capsys)
+    assert code == 0, err
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "recipe" not in line]
+    assert len(rows) == 2
+    grouped, alone = rows
+    assert grouped[0] == f"| {', '.join(seeds)} (n=3, mean ± std)"
+    # final top-1 60, 62, 67: mean 63, sample std sqrt(((-3)^2 + (-1)^2 + 4^2) / 2) = sqrt(13) = 3.61
+    assert grouped[4] == "63.00 ± 3.61 / 63.00 ± 3.61" and grouped[5] == "91.00 ± 0.00 / 91.00 ± 0.00"
+    assert alone[0] == f"| {other}" and alone[4] == "45.00 / 45.00"
+
+
+def test_experiment_scripts_run_once_per_seed(tmp_path):
+    """SEEDS="0 1 2": the script runs three times, each with --seed N into OUTPUT_DIR/seed_N;
+    --output-dir with SEEDS is refused (every seed would write the same folder)."""
+    script = tmp_path / "run_stub.sh"
+    script.write_text(f'OUTPUT_DIR=${{OUTPUT_DIR:-runs/stub}}\n. "{ROOT}/experiments/seeds.sh"\n'
+                      'echo "run into $OUTPUT_DIR with $*"\n')
+    env = {**os.environ, "SEEDS": "0 1 2", "OUTPUT_DIR": "runs/x"}
+    result = subprocess.run(["sh", str(script), "--lr", "0.1"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"run into runs/x/seed_{s} with --lr 0.1 --seed {s}" for s in (0, 1, 2)]
+    result = subprocess.run(["sh", str(script), "--output-dir", "y"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "not --output-dir" in result.stderr and not result.stdout
+    result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={**env, "SEEDS": ""}, timeout=60)
+    assert result.stdout.splitlines() == ["run into runs/x with "]
+    for name in ("baseline", "logits", "cakd", "cakd_paper"):  # every launch script takes SEEDS
+        assert '. "$(dirname "$0")/seeds.sh"' in open(os.path.join(ROOT, "experiments", f"run_{name}.sh")).read()
+
+
 def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -397,7 +440,7 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
             writer.add_scalar("val/" + name, value, epoch)
     writer.close()
     with open(os.path.join(logits, "config.yaml"), "w") as f:
-        f.write("recipe: logits\nepochs: 120\n")
+        f.write("recipe: kd\nepochs: 120\n")  # the paper's "Logits" column
 
     png = tmp_path / "top1.png"
     code, out, err = call("summarize", [baseline, logits, trained.out, "--plot", png, "--plot-size", "500x300"], capsys)
@@ -405,9 +448,8 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert rows[baseline].split(" | ")[1:] == ["baseline", "resnet50", "3/90", "40.00 / 39.50", "72.25 / 72.25", "–", "–",
                                                "released README 73.82 / 91.97; paper 76.28 / 93.03 |"]
-    assert rows[logits].split(" | ")[1:] == ["logits", "resnet50 <- vit_b_16", "2/120", "35.50 / 35.50", "66.25 / 66.25",
-                                             "30.50 / 30.50", "60.00 / 60.00",
-                                             "released README 74.48 / 92.29; paper 77.02 / 93.40 |"]
+    assert rows[logits].split(" | ")[1:] == ["kd", "resnet50 <- vit_b_16", "2/120", "35.50 / 35.50", "66.25 / 66.25",
+                                             "30.50 / 30.50", "60.00 / 60.00", "paper 77.02 / 93.40 |"]
     r = trained.record
     cells = rows[trained.out].split(" | ")[1:]
     assert cells[:4] == ["cakd", "resnet18 <- vit_b_16", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]

@@ -15,6 +15,7 @@ import sys
 
 import yaml
 
+from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import CHOICES, DISTILLERS
 from ..models import STUDENTS, TEACHERS
 from .errors import first_to_report
@@ -108,7 +109,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--config", default=None, type=str, help="YAML file of flag values (the command line wins)")
 
     g = p.add_argument_group("recipe and models")
-    g.add_argument("--recipe", default="cakd", choices=sorted(DISTILLERS), help="baseline, logits or cakd")
+    g.add_argument("--recipe", default="cakd", choices=sorted(DISTILLERS), help="baseline, logits (released: MSE), kd (Hinton) or cakd")
     g.add_argument(
         "--model",
         "--student",
@@ -201,7 +202,13 @@ def get_args_parser(add_help=True):
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")
     g.add_argument(
-        "--eval-views", action="store_true", help="also evaluate on each multi-view transform of every image (Figure 3 C4/C5)"
+        "--eval-views", action="store_true",
+        help="also evaluate on every validation image under each view of --eval-views-protocol (Figure 3 C4/C5)",
+    )
+    g.add_argument(
+        "--eval-views-protocol", default="corruptions", choices=sorted(VIEW_PROTOCOLS),
+        help="corruptions: blur, JPEG, pixelate, elastic, posterize, unlike training (cakd.corruptions); "
+        "train_views: the multi-view generator's training transforms (not the paper's protocol)",
     )
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
@@ -231,8 +238,9 @@ def _known_keys(parser):
 def load_yaml(path, parser, _seen=()):
     """YAML values as parser defaults, keyed by dest. Unknown keys are an error.
 
-    A ``config: other.yaml`` key (a path relative to this file) loads that file first, and
-    this one's values win: the ablation configs are the paper's set-up plus a few keys.
+    A ``config: other.yaml`` key (a path relative to this file; or a list of them, later ones
+    winning) loads those files first, and this one's values win: the ablation configs are the
+    paper's set-up plus a few keys.
     """
     if not os.path.isfile(path):
         parser.error(f"config file {path} does not exist")
@@ -247,8 +255,9 @@ def load_yaml(path, parser, _seen=()):
         parser.error(f"config file {path} must be a mapping of flag names to values")
     data.pop("world_size", None)  # the process count a saved run had: torchrun sets it, not a flag
     defaults = {}
-    if data.get("config"):
-        parent = os.path.join(os.path.dirname(path), str(data.pop("config")))
+    parents = data.pop("config", None) or []
+    for parent in [parents] if isinstance(parents, str) else parents:
+        parent = os.path.join(os.path.dirname(path), str(parent))
         defaults.update(load_yaml(parent, parser, _seen + (os.path.abspath(path),)))
     known = _known_keys(parser)
     unknown = sorted(key for key in data if str(key).replace("-", "_") not in known)

@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..multiview import TRANSFORMS, MultiViewGenerator
+from ..corruptions import VIEW_PROTOCOLS
 from .data import ShardSampler
 from .distributed import any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
@@ -204,21 +204,23 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
 
 @torch.no_grad()
 def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100,
-                   header="Test:"):
-    """Top-1 / top-5 on the clean images and on each multi-view transform applied to every
-    image, and the transforms' mean (the noisy evaluation of the paper's Figure 3, C4 and C5).
+                   header="Test:", protocol="corruptions"):
+    """Top-1 / top-5 on the clean images and on each view of ``protocol`` applied to every
+    image, and the views' mean: the noisy evaluation of the paper's Figure 3, C4 and C5.
 
-    Returns ``{"acc1", "acc5", "views_<transform>_acc1", ..., "views_mean_acc1", "views_mean_acc5"}``.
-    Image ``i`` of the loader's (ordered) sampler gets the view drawn from a generator seeded
-    by ``(seed, transform, i)`` (:meth:`cakd.multiview.MultiViewGenerator.view`): the numbers
-    do not depend on the batch size or the number of processes, and torch's global generator
-    is left alone. One pass over the loader; each batch goes through the model six times.
+    ``protocol``: ``"corruptions"`` (:mod:`cakd.corruptions`, unlike the training transforms, as
+    the paper asks) or ``"train_views"`` (the multi-view generator's own transforms; not the
+    paper's protocol). Returns ``{"acc1", "acc5", "views_<name>_acc1", ..., "views_mean_acc1",
+    "views_mean_acc5"}``. Image ``i`` of the loader's (ordered) sampler gets the view drawn
+    from a generator seeded by ``(seed, name, i)``: the numbers do not depend on the batch
+    size or the number of processes, and torch's global generator is left alone. One pass over
+    the loader; each batch goes through the model once clean and once per view.
     """
     if not isinstance(loader.sampler, (torch.utils.data.SequentialSampler, ShardSampler)):
         raise ValueError("evaluate_views needs a loader with an ordered sampler (SequentialSampler or ShardSampler)")
     model.eval()
-    generator = MultiViewGenerator().to(device)
-    names = ("clean",) + TRANSFORMS
+    generator = VIEW_PROTOCOLS[protocol]().to(device)
+    names = ("clean",) + generator.names
     accuracy = {name: Accuracy(device) for name in names}
     order = iter(loader.sampler)
     logger = MetricLogger()
@@ -240,8 +242,8 @@ def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=
         results[key + "acc1"], results[key + "acc5"] = acc1, acc5
         print_main(f"{label} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")
     for k in ("acc1", "acc5"):
-        results[f"views_mean_{k}"] = sum(results[f"views_{name}_{k}"] for name in TRANSFORMS) / len(TRANSFORMS)
-    print_main(f"{header} views mean Acc@1 {results['views_mean_acc1']:.3f} Acc@5 {results['views_mean_acc5']:.3f}")
+        results[f"views_mean_{k}"] = sum(results[f"views_{name}_{k}"] for name in generator.names) / len(generator.names)
+    print_main(f"{header} views ({protocol}) mean Acc@1 {results['views_mean_acc1']:.3f} Acc@5 {results['views_mean_acc5']:.3f}")
     if math.isnan(results["acc1"]):
         raise TrainingError("evaluation produced no numbers: is the validation set empty?")
     return results

@@ -40,6 +40,22 @@ def parameter_groups(model, weight_decay, norm_weight_decay=None, bias_weight_de
     return [{"params": groups[key], "weight_decay": decays[key]} for key in groups if groups[key]]
 
 
+def scale_lr(groups, factors, lr):
+    """Parameter groups with the parameters of ``factors`` (``{parameter: factor}``) moved to
+    groups of their own at ``factor * lr`` (same weight decay); the others as they were. The
+    schedulers then scale each group's lr alike."""
+    if not factors:
+        return groups
+    out = []
+    for group in groups:
+        by_factor = {}
+        for p in group["params"]:
+            by_factor.setdefault(factors.get(p, 1.0), []).append(p)
+        for factor, params in by_factor.items():
+            out.append({**group, "params": params, **({} if factor == 1.0 else {"lr": factor * lr})})
+    return out
+
+
 def build_optimizer(params, name, lr, momentum, weight_decay):
     name = name.lower()
     if name.startswith("sgd"):

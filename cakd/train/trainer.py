@@ -26,7 +26,7 @@ from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, un
 from .errors import UserError, first_to_report, one_line, print_error
 from .figures import map_grid
 from .logging import TensorBoard, print_main
-from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups
+from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
 from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
 from .signals import StopRequest
 
@@ -80,6 +80,7 @@ class Run:
             bias_weight_decay=args.bias_weight_decay,
             embedding_decay=args.transformer_embedding_decay,
         )
+        groups = scale_lr(groups, distiller.lr_factors(), args.lr)
         self.optimizer = build_optimizer(groups, args.opt, args.lr, args.momentum, args.weight_decay)
         try:
             self.lr_scheduler = build_scheduler(self.optimizer, lr_min=args.lr_min, **schedule_options(args))
@@ -282,7 +283,8 @@ class Run:
                 dist_utils.broadcast_buffers(module)  # evaluate the copy the checkpoint keeps (rank 0's)
         options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
         results = {}
-        if self.args.eval_views:  # clean and each multi-view transform, in one pass (views seeded with 0)
+        if self.args.eval_views:  # clean and each view, in one pass (views seeded with 0)
+            options["protocol"] = self.args.eval_views_protocol
             results.update(evaluate_views(self.distiller.student, self.val_loader, self.device, header="Test:", **options))
             if self.ema is not None:
                 ema = evaluate_views(self.ema.module, self.val_loader, self.device, header="Test: EMA", **options)
