@@ -119,6 +119,19 @@ def test_unreadable_image_keeps_the_last_checkpoint(tmp_path, capsys):
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
+def test_a_validation_file_that_is_no_image_stops_the_run_before_the_first_epoch(tmp_path, capsys):
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=2, size=72)
+    bad = os.path.join(data, "val", "class_1", "broken.JPEG")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    out = str(tmp_path / "out")
+    code = main(small_flags("baseline", data, out, epochs=1))
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err.strip().splitlines() == [f"error: cannot read image {bad} (UnidentifiedImageError: "
+                                                               f"cannot identify image file '{bad}'): remove or replace the file"]
+    assert "Epoch:" not in captured.out and not os.path.exists(os.path.join(out, "checkpoint.pth"))
+
+
 def test_resume_from_a_corrupt_or_missing_file(tmp_path, capsys, data_dir):
     corrupt = tmp_path / "checkpoint.pth"
     corrupt.write_bytes(b"PK\x03\x04 truncated")

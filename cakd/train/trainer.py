@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from . import distributed as dist_utils
 from ..checkpoint import StateMismatch, save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
-from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
+from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, check_teacher_input, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
@@ -42,9 +42,14 @@ class Run:
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
+        if args.recipe != "baseline" and not args.test_only:  # before data, student or teacher
+            try:
+                check_teacher_input(args.teacher, args.train_crop_size)
+            except ValueError as error:
+                raise UserError(f"--train-crop-size {args.train_crop_size}: {error}") from None
         if args.recipe == "cakd" and not args.test_only and args.model in CNN_STUDENTS:
             try:
-                check_pair(args.model, args.teacher, args.train_crop_size)  # before data, student or teacher
+                check_pair(args.model, args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(args)
