@@ -257,6 +257,12 @@ def test_test_only_agrees_with_training_evaluation(tmp_path, capsys, data_dir):
     assert f"Test: Acc@1 {record['acc1']:.3f} Acc@5 {record['acc5']:.3f}" in printed
     assert f"Test: EMA Acc@1 {record['ema_acc1']:.3f}" in printed
     assert "Epoch: [" not in printed and "Epoch: [0]" in trained
+    assert "cakd.train: logits recipe" in trained and "cakd.train:" not in printed  # no training banner
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    assert main(flags + ["--resume", "auto"]) == 0  # the same run again: it is finished
+    again = capsys.readouterr().out
+    assert f"{out}/checkpoint.pth is a finished run: all 1 epochs trained; nothing to do" in again
+    assert "Start training" not in again and open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
 def test_quickstart_script(tmp_path):

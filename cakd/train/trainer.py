@@ -274,7 +274,7 @@ class Run:
         pair = f"{a.model} alone" if a.recipe == "baseline" else f"{a.model} <- {a.teacher} ({a.teacher_weights})"
         line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
                 f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
-        if a.recipe == "cakd" and not a.test_only:
+        if a.recipe == "cakd":
             line += "\n  " + lambda_schedule(self.distiller, a.epochs)
         return line
 
@@ -304,6 +304,8 @@ class Run:
 def lambda_schedule(distiller, epochs):
     """When lambda, the weight of the distillation terms, is non-zero, in words."""
     weights = [distiller.distill_weight(epoch) for epoch in range(epochs)]
+    if distiller.config.lambda_scope == "adversarial" and not distiller.config.use_adv:
+        return "no adversarial term (use_adv false), so lambda (lambda_scope adversarial) weighs nothing"
     scope = "on every distillation term" if distiller.config.lambda_scope == "all" else "on the adversarial term"
     nonzero = [epoch for epoch, weight in enumerate(weights) if weight > 0]
     if not nonzero:
@@ -360,10 +362,16 @@ def train(args):
     args.resume = resume_path(args)
     run = Run(args)
     run.stop = stop
-    print_main(run.header())
+    if not args.test_only:
+        print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
+        if not args.test_only and start_epoch >= args.epochs:
+            print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
+                       "(raise --epochs to train on, or evaluate it with --test-only)")
+            run.tensorboard.close()
+            return {}
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
         if dist_utils.is_main_process() and args.output_dir and not args.test_only:
             _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
