@@ -252,6 +252,22 @@ def parsers():
     return found
 
 
+def test_an_experiment_scripts_help_is_printed_once_with_the_values_it_runs():
+    """Not once per rank, and not only the bare defaults: the YAML's 120 epochs, the script's folder."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NGPUS": "2", "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["sh", os.path.join(ROOT, "experiments", "run_cakd.sh"), "--lr", "0.2", "--help"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    out = " ".join(result.stdout.split())  # argparse wraps lines at the terminal's width
+    assert result.returncode == 0 and result.stderr == "" and out.count("usage: python -m cakd.train") == 1, result.stderr
+    assert "number of total epochs to run [this command: 120] (default: 90)" in out
+    assert "initial learning rate [this command: 0.2] (default: 0.1)" in out  # a flag after the YAML wins, as when it runs
+    assert "path to save outputs [this command: runs/cakd]" in out and "[this command: auto]" in out
+    assert "momentum (default: 0.9)" in out  # what the YAML leaves alone is not marked
+
+
 def test_every_flag_shows_its_default_and_abbreviations_are_refused():
     for name, parser in parsers().items():
         assert not parser.allow_abbrev, name

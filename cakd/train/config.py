@@ -226,7 +226,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--seed", default=0, type=int, help="seed of weights, sampler and augmentation")
     g.add_argument("--print-freq", default=10, type=int, help="print frequency (iterations)")
     g.add_argument("--output-dir", default=".", type=str, help="path to save outputs")
-    g.add_argument("--resume", default="", type=str, help="path of checkpoint")
+    g.add_argument(
+        "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"
+    )
     g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", default=False, action=Switch, help="only evaluate the student (and its EMA)")
@@ -329,7 +331,26 @@ def load_yaml(path, parser, _seen=()):
     return defaults
 
 
+def print_help(argv):
+    """``--help`` that also says what this command line runs: each flag its ``--config`` YAML or
+    its other flags set is marked ``[this command: VALUE]``, so an experiment script's ``--help``
+    shows the recipe it launches, not only the bare defaults."""
+    parser = get_args_parser()
+    args = parse_args([arg for arg in argv if arg not in ("-h", "--help")])
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and action.dest not in ("help", "config") and value != action.default:
+            action.help = f"{action.help} [this command: {str(value).replace('%', '%%')}]"
+    if args.config:
+        parser.description += f". Values marked [this command: ...] are what this command line runs ({args.config} and its flags)"
+    parser.print_help()
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(argv)
+        sys.exit(0)
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
