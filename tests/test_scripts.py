@@ -430,3 +430,21 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
 
     code, out, err = call("summarize", [str(tmp_path / "nowhere")], capsys)
     assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]
+
+
+def test_the_readmes_python_api_block_runs(tmp_path, monkeypatch):
+    """The README's Python API block, as written but for its sizes: 64 for 224, ResNet-18 for
+    ResNet-50, a random teacher for the download. It trains one step and exports the student."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("## Python API\n```python\n", 1)[1].split("```", 1)[0]
+    small = block.replace("224", "64").replace("resnet50", "resnet18").replace('"IMAGENET1K_V1"', '"none"')
+    assert small.count("64") >= 3 and "resnet18" in small and '"none"' in small
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(small, "README.md: Python API", "exec"), scope)
+    before = scope["student"].fc.weight.detach().clone()
+    student = torchvision.models.resnet18()
+    student.load_state_dict(torch.load(tmp_path / "resnet18_cakd.pth", weights_only=True))  # strict
+    assert set(scope["losses"]) == {"cls", "pca", "gl", "adv", "disc", "total"}
+    assert torch.equal(student.fc.weight, before)  # the exported student is the trained one
+    assert scope["student_optimizer"].state and scope["disc_optimizer"].state  # both stepped (momentum kept)
