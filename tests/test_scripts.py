@@ -280,16 +280,21 @@ def test_attention_maps_png(trained, tmp_path, capsys):
 
 def test_training_writes_the_attention_maps_to_tensorboard(trained):
     """Rank 0 logs teacher | student | |difference| maps of the first 4 validation images after
-    each evaluation: 16x16 maps padded to 18 and scaled 8x, three columns, four rows."""
+    each evaluation: 16x16 maps scaled 8x, three titled columns, four rows, a colour bar with
+    its ends written beside the shared teacher/student scale and beside the difference's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(trained.out, "tensorboard"), size_guidance={"images": 0}).Reload()
     tag = "attention/teacher|student|difference"
     assert tag in events.Tags()["images"]
     (logged,) = events.Images(tag)  # one epoch, one picture
-    assert logged.step == 0 and (logged.width, logged.height) == (3 * 144, 4 * 144)
+    side, bars = 128, 2 * (10 + 48)  # a map, and a colour bar with its labels
+    assert logged.step == 0 and (logged.width, logged.height) == (3 * side + 3 * 6 + 2 * 2 - 6 + bars, 16 + 4 * (side + 6))
     image = torchvision.io.decode_image(torch.frombuffer(bytearray(logged.encoded_image_string), dtype=torch.uint8))
-    assert tuple(image.shape) == (3, 4 * 144, 3 * 144) and image.float().std() > 20
+    assert image.float().std() > 20 and (image[0] != image[2]).float().mean() > 0.3  # colour, not grey
+    assert (image[:, :16, :60] < 100).any()  # the first column's title is written in the top strip
+    bar = image[:, 16 + 64, 264:274].float()  # the teacher/student colour bar, halfway down the first row
+    assert bar.std(1).max() < 1 and (image[:, 16, 264] != image[:, 16 + side - 1, 264]).any()  # one colour across, a ramp down
 
 
 # ----------------------------------------------------------------------------------------------
