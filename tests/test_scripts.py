@@ -260,6 +260,9 @@ def test_attention_maps_png(trained, tmp_path, capsys):
     assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (880, 1200) and image.float().std() > 20
     assert "(1200x880 px, 3 rows: image | teacher | student | |difference|)" in out
     assert out.count("teacher|student scale") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
+    rows = [line.split("/")[0] for line in out.splitlines() if "teacher|student scale" in line]
+    assert rows == ["class_0", "class_1", "class_2"]  # one image of each class, not the first three of one
+    assert "with BatchNorm on running statistics (eval mode)" in out
 
     # the same weights in the released layout draw the same picture (the random teacher is redrawn from the seed)
     released = released_checkpoint(trained, str(tmp_path / "released.pth"))
@@ -276,6 +279,15 @@ def test_attention_maps_png(trained, tmp_path, capsys):
     assert call("export", ["--checkpoint", trained.checkpoint, "--output", exported], capsys)[0] == 0
     code, out, err = call("attention_maps", ["--checkpoint", exported, "--output", tmp_path / "x.png"], capsys)
     assert code == 1 and len(err) == 1 and "holds no projectors" in err[0]
+
+
+def test_attention_figure_says_its_batchnorm_mode_and_rows_span_the_classes():
+    module = SCRIPTS["attention_maps"]
+    assert module.pick_rows([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1] and module.pick_rows([0, 0], 5) == [0, 1]
+    maps = torch.rand(2, 16, 16)
+    fig = module.figure(torch.rand(2, 3, 64, 64), maps, maps, ["a", "b"], "student with BatchNorm on batch statistics")
+    assert fig._suptitle.get_text() == "student with BatchNorm on batch statistics"
+    assert fig.axes[1].get_title() == "teacher q k^T (16 tokens, a 4x4 grid)"
 
 
 def test_training_writes_the_attention_maps_to_tensorboard(trained):

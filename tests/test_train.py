@@ -274,6 +274,7 @@ def test_quickstart_script(tmp_path):
     assert "Epoch: [0] Total time" in result.stdout and "Test: EMA Acc@1" in result.stdout
     for name in ("checkpoint.pth", "config.yaml", "metrics.jsonl", "tensorboard"):
         assert os.path.exists(tmp_path / "qs" / name), name
+    assert not list((tmp_path / "qs").glob("model_*.pth"))  # no second full copy of the last state
 
 
 def test_test_only_weights_and_metrics_after_resume(tmp_path, capsys, data_dir):

@@ -229,7 +229,9 @@ def get_args_parser(add_help=True):
     g.add_argument(
         "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"
     )
-    g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
+    g.add_argument(
+        "--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs (checkpoint.pth is always the last)"
+    )
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", default=False, action=Switch, help="only evaluate the student (and its EMA)")
     g.add_argument(

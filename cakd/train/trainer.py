@@ -204,7 +204,9 @@ class Run:
         state = self.state(epoch, step)
         if dist_utils.is_main_process() and self.args.output_dir:
             save_atomic(state, os.path.join(self.args.output_dir, "checkpoint.pth"))
-            if step is None and ((epoch + 1) % self.args.checkpoint_freq == 0 or epoch + 1 == self.args.epochs):
+            # only on the frequency: at the end checkpoint.pth is the last state, a second full copy
+            # of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
+            if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
                 save_atomic(state, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
         self.saved = (epoch, step)
 
