@@ -469,3 +469,20 @@ def test_the_readmes_python_api_block_runs(tmp_path, monkeypatch):
     assert set(scope["losses"]) == {"cls", "pca", "gl", "adv", "disc", "total"}
     assert torch.equal(student.fc.weight, before)  # the exported student is the trained one
     assert scope["student_optimizer"].state and scope["disc_optimizer"].state  # both stepped (momentum kept)
+
+
+def test_benchmark_profile_on_a_cpu_and_the_loader_alone():
+    """--profile on a CPU prints none of the profiler's own log lines (its "ERROR: ...
+    gpuGetDeviceCount failed"); a loader-only run's header names no model it never ran."""
+    bench = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--device", "cpu", "--batch-size", "2",
+             "--image-size", "64", "--num-classes", "10", "--steps", "1", "--warmup", "1"]
+    result = subprocess.run(bench + ["--student", "resnet18", "--teacher", "vit_b_32", "--modes", "ideal", "cakd", "--profile",
+                                     "--profile-steps", "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0 and "| sum of the parts |" in result.stdout, result.stderr[-2000:]
+    assert "ERROR" not in result.stderr and "gpuGetDeviceCount" not in result.stderr, result.stderr[-2000:]
+    result = subprocess.run(bench + ["--modes", "--loader-workers", "0", "--loader-batches", "1"], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = result.stdout.splitlines()[0]
+    assert header.startswith("# loader only: the cakd training preset at 64px, batch 2, generated 400x400 JPEGs, CPU (")
+    assert "resnet50" not in result.stdout and "vit_b_16" not in result.stdout
