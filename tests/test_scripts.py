@@ -120,6 +120,9 @@ def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
         assert trainer_line(header, r[top1], r[top5]) in out, (argv, out[-500:])
         written = json.loads(numbers.read_text())
         assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
+        assert f"({VAL_IMAGES} images, resize 64 / crop 64, 1 process(es))" in out  # the run's sizes, or the ones given
+    code, out, err = call("evaluate", ["--checkpoint", exported, "--data-path", trained.data, "--workers", 0], capsys)
+    assert code == 0 and "resize 224 / crop 224 (the released recipes' eval sizes: this file holds no flags" in out, err
 
 
 VIEW_KEYS = [f"views_{name}_{k}" for name in TRANSFORMS + ("mean",) for k in ("acc1", "acc5")]
