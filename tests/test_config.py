@@ -268,6 +268,17 @@ def test_an_experiment_scripts_help_is_printed_once_with_the_values_it_runs():
     assert "momentum (default: 0.9)" in out  # what the YAML leaves alone is not marked
 
 
+def test_every_distiller_flag_says_what_it_does():
+    """Each distiller field has a meaning (its comment in cakd/distillers.py, else config.MEANINGS)."""
+    from cakd.train.config import distiller_option_fields, distiller_option_meanings
+
+    meanings = distiller_option_meanings()
+    assert not [field.name for field in distiller_option_fields() if not meanings.get(field.name)]
+    help_text = " ".join(get_args_parser().format_help().split())
+    assert "--pca-qk-weight PCA_QK_WEIGHT weight of first term of L_proj1: MSE(A_S_qk, A_T_qk)" in help_text
+    assert "--lambda-max LAMBDA_MAX ramp: the top of lambda, the weight of the distillation terms (default: the released 0.2)" in help_text
+
+
 def test_every_flag_shows_its_default_and_abbreviations_are_refused():
     for name, parser in parsers().items():
         assert not parser.allow_abbrev, name

@@ -247,7 +247,7 @@ def get_args_parser(add_help=True):
     )
     meanings = distiller_option_meanings()
     for field in distiller_option_fields():
-        text = f"{meanings[field.name]} (default: the released {field.default!r})"
+        text = f"{meanings.get(field.name, field.name.replace('_', ' '))} (default: the released {field.default!r})"
         if field.name in CHOICES:  # checked by the distiller's config, so a saved null still loads
             text += f"; one of {', '.join(CHOICES[field.name])}"
         flag = "--" + field.name.replace("_", "-")
