@@ -13,6 +13,7 @@ setup(
         "pyyaml",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "timm"], "plots": ["matplotlib"]},
+    # the tests draw the pictures too, so the test extra holds the plots extra
+    extras_require={"test": ["pytest", "timm", "matplotlib"], "plots": ["matplotlib"]},
     entry_points={"console_scripts": ["cakd-train=cakd.train.trainer:main"]},
 )

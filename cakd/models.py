@@ -130,16 +130,8 @@ def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=No
     """
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}: choose one of {', '.join(TEACHERS)}")
-    meta = _meta(name)  # the architecture's sizes, with no memory or arithmetic
-    if name in VIT_TEACHERS:
-        patch_size = meta.patch_size
-        if image_size % patch_size:
-            raise ValueError(
-                f"image size {image_size} is not a multiple of {name}'s patch size {patch_size}: "
-                f"use a crop size such as {max(patch_size, image_size // patch_size * patch_size)}"
-            )
-    else:
-        swin_grid(meta, image_size, name)  # raises when one window cannot cover the grid
+    meta = check_teacher_input(name, image_size)
+    patch_size = getattr(meta, "patch_size", None)
     state_dict = None
     if not no_weights(weights):
         state_dict = load_state_dict(name, weights, progress)
@@ -156,6 +148,24 @@ def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=No
     elif weights is None:
         warnings.warn(f"teacher {name} has random weights: fine for smoke runs, meaningless for distillation")
     return freeze(model)
+
+
+def check_teacher_input(name: str, image_size: int) -> nn.Module:
+    """Refuse, in words, an input size the teacher cannot take (torchvision's ViT only asserts):
+    a ViT's must be a multiple of its patch, a Swin's last stage must fit one attention window.
+    Returns the architecture on the meta device (its sizes, no memory or arithmetic)."""
+    meta = _meta(name)
+    if name in VIT_TEACHERS:
+        patch = meta.patch_size
+        if image_size % patch:
+            lower, upper = max(patch, image_size // patch * patch), (image_size // patch + 1) * patch
+            raise ValueError(
+                f"image size {image_size} is not a multiple of {name}'s patch size {patch}: "
+                f"use a crop size such as {lower}" + (f" or {upper}" if upper != lower else "")
+            )
+    else:
+        swin_grid(meta, image_size, name)  # raises when one window cannot cover the grid
+    return meta
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -176,7 +186,10 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
     weights = str(weights)
     if weights.endswith((".pth", ".pt")) or os.sep in weights:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"{role} weights file {weights} does not exist")
+            hint = ""
+            if name in OWN_BUILDERS:  # no torchvision weights: the file is made from the official release
+                hint = f": make it with python scripts/convert_weights.py --arch {name} --input OFFICIAL.pth --output {weights}"
+            raise FileNotFoundError(f"{role} weights file {weights} does not exist{hint}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -310,6 +323,7 @@ def token_grid(teacher: nn.Module, image_size: int, name=None) -> int:
 def check_pair(student: str, teacher: str, image_size: int):
     """Raise the distiller's error for a pair of model names whose grids cannot meet, before
     anything is built or downloaded (both are looked at on the meta device)."""
+    check_teacher_input(teacher, image_size)
     with torch.device("meta"):
         grid = token_grid(architecture(teacher, image_size=image_size), image_size, teacher)
         student_layout(architecture(student), image_size, student).stage_for(grid)

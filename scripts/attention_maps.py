@@ -4,8 +4,8 @@ their absolute difference.
 
     python scripts/attention_maps.py --checkpoint runs/cakd/checkpoint.pth --output attention.png
 
-Rows are images (the first ``--num-images`` of DATA/val, eval resize, center crop to the training
-crop). Each map is N x N (N tokens: 196 for ViT-B/16 at 224), query tokens down, key tokens
+Rows are images of DATA/val (eval resize, center crop to the training crop), ``--num-images`` of
+them from as many classes as there are (the first image of each class, then the second, ...). Each map is N x N (N tokens: 196 for ViT-B/16 at 224), query tokens down, key tokens
 across: the head mean of the pre-softmax scores of the teacher's last block, and of the
 student's attention projector (released or paper form, unswapped). Teacher and student of one
 row share one colour scale, the difference has its own; each has its colour bar. The
@@ -17,6 +17,7 @@ training step does, for runs too short for the running averages to settle. Needs
 (``pip install -e ".[plots]"``).
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -45,7 +46,7 @@ def get_args_parser():
     p.add_argument("--checkpoint", required=True, help="a cakd-recipe checkpoint.pth / model_N.pth, or a released cakd checkpoint")
     p.add_argument("--output", default="attention_maps.png", help="the PNG to write (default: %(default)s)")
     p.add_argument("--data-path", default=None, help="folder with val/<class>/ or the val folder itself (default: the run's)")
-    p.add_argument("--num-images", default=4, type=int, help="rows: the first N validation images (default: %(default)s)")
+    p.add_argument("--num-images", default=4, type=int, help="rows: N validation images, from as many classes as there are (default: %(default)s)")
     p.add_argument("--teacher", default=None, help="teacher architecture (default: the run's)")
     p.add_argument("--teacher-weights", default=None, help="IMAGENET1K_V1, a .pth, or none (default: the run's)")
     p.add_argument("--model", "--student", dest="model", default=None, help="student architecture (default: the run's)")
@@ -60,11 +61,23 @@ def get_args_parser():
     return p
 
 
-def figure(images, teacher_maps, student_maps, names):
-    """The grid: one row per image, columns image | teacher | student | |difference|."""
+def pick_rows(targets, count):
+    """Indices of ``count`` images from as many classes as there are: the first image of each
+    class in turn, then the second, ... (the first N images of a folder are often one class)."""
+    by_class = {}
+    for index, target in enumerate(targets):
+        by_class.setdefault(target, []).append(index)
+    turns = itertools.zip_longest(*by_class.values())
+    return [index for turn in turns for index in turn if index is not None][:count]
+
+
+def figure(images, teacher_maps, student_maps, names, caption):
+    """The grid: one row per image, columns image | teacher | student | |difference|, with
+    ``caption`` (the models and the student's BatchNorm mode) above it."""
     plt = pyplot()
     rows = len(images)
     fig, axes = plt.subplots(rows, 4, figsize=(12, 2.8 * rows + 0.4), squeeze=False, layout="constrained")
+    fig.suptitle(caption, fontsize="small")
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tokens = teacher_maps.shape[-1]
     for row, (image, t, s, name) in enumerate(zip(images, teacher_maps, student_maps, names)):
@@ -81,7 +94,8 @@ def figure(images, teacher_maps, student_maps, names):
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
-    titles = ("image", f"teacher ({tokens}x{tokens})", "student, projected", "|teacher - student|")
+    grid = round(tokens**0.5)
+    titles = ("image", f"teacher q k^T ({tokens} tokens, a {grid}x{grid} grid)", "student, projected", "|teacher - student|")
     for ax, title in zip(axes[0], titles):
         ax.set_title(title)
     return fig
@@ -103,17 +117,19 @@ def run(args):
     device = torch.device(args.device)
     distiller.to(device)
 
-    count = min(args.num_images, len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(count)])
+    rows = pick_rows(dataset.targets, args.num_images)
+    count = len(rows)
+    images = torch.stack([dataset[i][0] for i in rows])
     distiller.trainable.train(args.batch_stats)  # running statistics are not saved: no harm done
     teacher_maps, student_maps = (maps.float().cpu() for maps in distiller.attention_maps(images.to(device)))
     distiller.close()
-    names = [os.path.relpath(dataset.samples[i][0], dataset.root) for i in range(count)]
-    fig = figure(images, teacher_maps, student_maps, names)
+    names = [os.path.relpath(dataset.samples[i][0], dataset.root) for i in rows]
+    norm = "batch statistics of these images (--batch-stats)" if args.batch_stats else "running statistics (eval mode)"
+    caption = f"teacher {teacher}; student with BatchNorm on {norm}"
+    fig = figure(images, teacher_maps, student_maps, names, caption)
     width, height = (round(v * 100) for v in fig.get_size_inches())
     save(fig, args.output)
 
-    norm = "batch statistics of these images" if args.batch_stats else "running statistics (eval mode)"
     print(f"teacher {teacher}, student of {args.checkpoint} with BatchNorm on {norm}")
     print(f"maps {teacher_maps.shape[-1]}x{teacher_maps.shape[-1]} (query token down, key token across)")
     for name, t, s in zip(names, teacher_maps, student_maps):

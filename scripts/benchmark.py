@@ -310,6 +310,8 @@ def profile_cakd(student, teacher, images, targets, args, device, memory_format)
     for _ in range(args.warmup):
         step(images, targets, amp_dtype)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if device.type == "cpu":  # else the profiler's own log lines ("ERROR: ... gpuGetDeviceCount failed") on a CPU
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
             step(images, targets, amp_dtype)
@@ -394,19 +396,23 @@ def main(argv=None):
         # default dynamo does not recompile for hooks added later, and the taps would stay empty
         torch._dynamo.config.skip_nnmodule_hook_guards = False
     device = torch.device(args.device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    student = cakd.build_student(args.student, num_classes=args.num_classes)
-    teacher = cakd.build_teacher(args.teacher, weights="none", image_size=args.image_size, num_classes=args.num_classes)
-    teacher.to(device, memory_format=memory_format)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
-    targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# {args.student} <- {args.teacher}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
-          f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
     if not args.modes and not args.loader_workers:
         raise SystemExit("nothing to measure: give --modes and/or --loader-workers")
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    student = teacher = images = targets = None
+    if args.modes:
+        torch.manual_seed(0)
+        student = cakd.build_student(args.student, num_classes=args.num_classes)
+        teacher = cakd.build_teacher(args.teacher, weights="none", image_size=args.image_size, num_classes=args.num_classes)
+        teacher.to(device, memory_format=memory_format)
+        images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
+        targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+        print(f"# {args.student} <- {args.teacher}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
+              f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
+    else:  # the loader alone: no model is built, none is named
+        print(f"# loader only: the cakd training preset at {args.image_size}px, batch {args.batch_size}, "
+              f"{args.data_path or 'generated 400x400 JPEGs'}, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")
     peaks, firsts = {}, {}
     for mode in args.modes:
         peaks[mode], firsts[mode] = peak_of_mode(mode, student, teacher, images, targets, args, device, memory_format)
@@ -436,7 +442,7 @@ def main(argv=None):
         if args.flops:
             cells += f" {r['flops'] / 1e9:.1f} | {r['flops_ratio']:.3f} |" if ideal else f" {r['flops'] / 1e9:.1f} | - |"
         print(f"| {r['mode']} | {r['median_s']:.4f} | {r['img_per_s']:.1f} | {r['peak_mib']:.0f} | {ratios} |{cells}")
-    profile_rows = profile_cakd(student, teacher, images, targets, args, device, memory_format) if args.profile else {}
+    profile_rows = profile_cakd(student, teacher, images, targets, args, device, memory_format) if args.profile and args.modes else {}
     if profile_rows:
         ideal_ms = ideal["median_s"] * 1e3 if ideal else None
         unit = "kernel time" if device.type == "cuda" else "CPU time"

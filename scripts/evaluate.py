@@ -118,13 +118,11 @@ def run(args):
     device = torch.device(args.device)
     checkpoint = SourceCheckpoint(args.checkpoint) if args.checkpoint else None
 
-    crop = pick(checkpoint, "val_crop_size", args.val_crop_size)
-    dataset = build_val_dataset(
-        pick(checkpoint, "data_path", args.data_path),
-        pick(checkpoint, "val_resize_size", args.val_resize_size),
-        crop,
-        pick(checkpoint, "interpolation", args.interpolation),
-    )
+    crop, resize = pick(checkpoint, "val_crop_size", args.val_crop_size), pick(checkpoint, "val_resize_size", args.val_resize_size)
+    dataset = build_val_dataset(pick(checkpoint, "data_path", args.data_path), resize, crop, pick(checkpoint, "interpolation", args.interpolation))
+    sizes = f"resize {resize} / crop {crop}"
+    if args.val_crop_size is None and not (checkpoint is not None and checkpoint.args.get("val_crop_size")):
+        sizes += " (the released recipes' eval sizes: this file holds no flags; --val-resize-size/--val-crop-size for others)"
     amp = bool(pick(checkpoint, "amp", args.amp))
     amp_dtype = getattr(torch, pick(checkpoint, "amp_dtype", args.amp_dtype) or "float16") if amp else None
     channels_last = bool(pick(checkpoint, "channels_last", args.channels_last))
@@ -137,7 +135,7 @@ def run(args):
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
-    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {args.world_size} process(es))")
+    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {sizes}, {args.world_size} process(es))")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     options = dict(amp_dtype=amp_dtype, memory_format=memory_format, print_freq=max(args.print_freq, 1) * 10)

@@ -108,8 +108,27 @@ def read_run(run_dir):
         "model": config.get("model", DEFAULTS["model"]),
         "teacher": config.get("teacher", DEFAULTS["teacher"]),
         "dataset": config.get("dataset"),
+        "data_path": config.get("data_path"),
         "by_epoch": dict(sorted(by_epoch.items())),
     }
+
+
+def other_data(run):
+    """Why the published numbers do not apply to ``run`` (synthetic data, an image folder that is
+    not ImageNet's 1000 classes), or None when they do or its folder is not there to count."""
+    if run["dataset"] == "synthetic":
+        return "synthetic data"
+    train = os.path.join(run["data_path"] or "", "train")
+    if run["dataset"] in (None, "imagefolder") and run["data_path"] and os.path.isdir(train):
+        classes = sum(entry.is_dir() for entry in os.scandir(train))
+        if classes != 1000:
+            return f"a {classes}-class image folder, not ImageNet"
+    return None
+
+
+def published_for(run):
+    """The published numbers of ``run``'s dataset, recipe and pair, none for other data."""
+    return [] if other_data(run) else published(run["dataset"], run["recipe"], run["model"], run["teacher"])
 
 
 def best_and_final(run, metric):
@@ -172,8 +191,9 @@ def table(runs):
             pairs = [best_and_final(r, metric) for r in group]
             pairs = [p for p in pairs if p[0] is not None]
             cells.append("–" if not pairs else f"{spread([b for b, _ in pairs])} / {spread([f for _, f in pairs])}")
-        numbers = published(run["dataset"], run["recipe"], run["model"], run["teacher"])
-        cells.append("; ".join(f"{source} {number(top1)} / {number(top5)}" for source, top1, top5 in numbers) or "–")
+        numbers = published_for(run)
+        unlike = f"– ({other_data(run)}: no published number applies)" if other_data(run) else "–"
+        cells.append("; ".join(f"{source} {number(top1)} / {number(top5)}" for source, top1, top5 in numbers) or unlike)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,22 +201,31 @@ def table(runs):
 # ----------------------------------------------------------------------------------------------
 # The plot
 # ----------------------------------------------------------------------------------------------
+def labels(runs):
+    """Each run's folder name (its whole path where two folders share a name)."""
+    names = [os.path.basename(run["name"]) or run["name"] for run in runs]
+    return [name if names.count(name) == 1 else run["name"] for name, run in zip(names, runs)]
+
+
 def plot(runs, width, height):
-    """Top-1 per epoch of each run (solid: student, dotted: EMA), each run's published top-1
-    (the paper's where there is one) as a dashed line in its colour; returns the figure."""
+    """Top-1 per epoch of each run (solid: student, dotted: EMA; a marker on every epoch, so a
+    one-epoch run shows), each run's published top-1 (the paper's where there is one; none for
+    other data) as a dashed line in its colour, the legend beside the axes, off the curves;
+    returns the figure."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(width / 100, height / 100))
+    fig, ax = plt.subplots(figsize=(width / 100, height / 100), layout="constrained")
     drawn = False
-    for run, colour in zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(runs)):
-        for metric, style, label in (("acc1", "-o", run["name"]), ("ema_acc1", ":", f"{run['name']} (EMA)")):
+    for run, name, colour in zip(runs, labels(runs), plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(runs)):
+        for metric, style, label in (("acc1", "-o", name), ("ema_acc1", ":s", f"{name} (EMA)")):
             points = [(epoch, record[metric]) for epoch, record in run["by_epoch"].items() if metric in record]
             if points:
-                ax.plot(*zip(*points), style, color=colour, label=label, markersize=3, linewidth=1.5 if metric == "acc1" else 1)
+                ax.plot(*zip(*points), style, color=colour, label=label, markersize=4, linewidth=1.5 if metric == "acc1" else 1,
+                        markerfacecolor=colour if metric == "acc1" else "none")
                 drawn = True
-        numbers = published(run["dataset"], run["recipe"], run["model"], run["teacher"])
+        numbers = published_for(run)
         if numbers:
             source, top1, _ = next((n for n in numbers if n[0] == "paper"), numbers[0])
-            ax.axhline(top1, color=colour, linestyle="--", linewidth=1.2, label=f"{run['name']}: {source} {top1:.2f}")
+            ax.axhline(top1, color=colour, linestyle="--", linewidth=1.2, label=f"{name}: {source} {top1:.2f}")
     if not drawn:
         raise UserError("no top-1 values to plot")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -204,8 +233,7 @@ def plot(runs, width, height):
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("top-1 per epoch")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="best")  # where it covers the fewest points
-    fig.tight_layout()
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)  # beside the axes
     return fig
 
 
@@ -224,7 +252,8 @@ def run(args):
     runs = [read_run(run_dir) for run_dir in args.runs]
     print(table(runs))
     print("\npublished: the released code's README (ImageNet val, the released recipes) and the paper's Tables 1-3, "
-          "for the run's dataset, recipe, student and teacher (a run of another length is not comparable)")
+          "for the run's dataset, recipe, student and teacher (a run of another length is not comparable; "
+          "a run on other data, e.g. a generated image folder, gets none)")
     if args.plot:
         save(plot(runs, *size), args.plot)
         print(f"\nwrote {args.plot} ({size[0]}x{size[1]} px): top-1 per epoch of each run, its EMA dotted, published top-1 dashed")

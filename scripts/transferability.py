@@ -111,8 +111,8 @@ def run(args):
         print("  CAKD projection: none (the run has no projectors)")
     print(f"  direct mapping (a linear map of h_S fitted on these tokens) vs h_T: mean cosine {results['direct_mapping']:.4f}")
     if tokens < 10 * weight.shape[0]:
-        print(f"  note: {int(tokens)} tokens for a map of {weight.shape[0]} inputs: the fit is close to exact, so the direct "
-              "mapping's number says little; use more images")
+        print(f"  note: {int(tokens)} tokens for a map of {weight.shape[0]} inputs (under 10 per input): a map fitted on so few "
+              "tokens fits these tokens, not the teacher in general, so the direct mapping's number says little; use more images")
     name = pick(checkpoint, "teacher")
     if name in PAPER and pick(checkpoint, "model") == "resnet50":
         print(f"  paper Figure 3(b), ResNet-50 <- {name}: CAKD about {PAPER[name][0]}, direct mapping about {PAPER[name][1]}")

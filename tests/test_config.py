@@ -184,6 +184,38 @@ def test_print_freq_zero_is_refused(capsys):
     assert capsys.readouterr().err.splitlines() == ["error: --print-freq 0: it must be 1 or more (iterations between progress lines); see --help"]
 
 
+def test_the_command_line_undoes_what_a_yaml_switched_on_or_set(tmp_path):
+    """Every on/off flag has an off form and every optional number a none, so an extra flag
+    wins over the YAML for each of them (the README's sentence)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("ra_sampler: true\nmodel_ema: true\namp: true\nclip_grad_norm: 1.0\npca_qk_weight: 0.3\nadv_to_student: true\n")
+    on = parse_args(["--config", str(path)])
+    assert (on.ra_sampler, on.model_ema, on.amp, on.clip_grad_norm, on.pca_qk_weight, on.adv_to_student) == (True, True, True, 1.0, 0.3, True)
+    off = parse_args(["--config", str(path), "--no-ra-sampler", "--model-ema", "false", "--no-amp", "--clip-grad-norm", "none",
+                      "--pca-qk-weight", "none", "--no-adv-to-student"])
+    assert (off.ra_sampler, off.model_ema, off.amp, off.clip_grad_norm, off.pca_qk_weight, off.adv_to_student) == (False, False, False, None, None, False)
+    parser = get_args_parser()
+    for action in parser._actions:
+        if isinstance(action.nargs, int) and action.nargs == 0 and action.dest != "help":
+            pytest.fail(f"{action.option_strings} switches on only")
+        if action.option_strings and action.default is None and action.type not in (None, str) and action.nargs != "?":
+            assert action.type("none") is None, f"{action.option_strings[0]} none"  # an optional number that none unsets
+    for flag in [a.option_strings[0] for a in parser._actions if a.option_strings and a.option_strings[-1].startswith("--no-")]:
+        dest = flag[2:].replace("-", "_")
+        assert vars(parse_args([flag]))[dest] is True and vars(parse_args(["--no-" + flag[2:]]))[dest] is False, flag
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--clip-grad-norm", "0"], "error: --clip-grad-norm 0.0: it would clip every gradient to zero; give a norm above 0, or none for no clipping; see --help"),
+    (["--no-amp", "true"], "error: --no-amp takes no value: it means --amp false; see --help"),
+    (["--ra-sampler", "maybe"], "error: argument --ra-sampler/--no-ra-sampler: expected true or false, got 'maybe'; see --help"),
+])
+def test_values_that_cannot_mean_what_they_say_are_refused(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
 def test_saved_config_neither_resumes_nor_only_tests(tmp_path):
     """Rerunning with --config runs/x/config.yaml trains that configuration afresh."""
     args = parse_args(["--resume", "runs/x/checkpoint.pth", "--test-only", "--start-epoch", "3", "--lr", "0.3"])
@@ -220,6 +252,33 @@ def parsers():
         spec.loader.exec_module(module)
         found[os.path.basename(path)] = module.get_args_parser()
     return found
+
+
+def test_an_experiment_scripts_help_is_printed_once_with_the_values_it_runs():
+    """Not once per rank, and not only the bare defaults: the YAML's 120 epochs, the script's folder."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NGPUS": "2", "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["sh", os.path.join(ROOT, "experiments", "run_cakd.sh"), "--lr", "0.2", "--help"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    out = " ".join(result.stdout.split())  # argparse wraps lines at the terminal's width
+    assert result.returncode == 0 and result.stderr == "" and out.count("usage: python -m cakd.train") == 1, result.stderr
+    assert "number of total epochs to run [this command: 120] (default: 90)" in out
+    assert "initial learning rate [this command: 0.2] (default: 0.1)" in out  # a flag after the YAML wins, as when it runs
+    assert "path to save outputs [this command: runs/cakd]" in out and "[this command: auto]" in out
+    assert "momentum (default: 0.9)" in out  # what the YAML leaves alone is not marked
+
+
+def test_every_distiller_flag_says_what_it_does():
+    """Each distiller field has a meaning (its comment in cakd/distillers.py, else config.MEANINGS)."""
+    from cakd.train.config import distiller_option_fields, distiller_option_meanings
+
+    meanings = distiller_option_meanings()
+    assert not [field.name for field in distiller_option_fields() if not meanings.get(field.name)]
+    help_text = " ".join(get_args_parser().format_help().split())
+    assert "--pca-qk-weight PCA_QK_WEIGHT weight of first term of L_proj1: MSE(A_S_qk, A_T_qk)" in help_text
+    assert "--lambda-max LAMBDA_MAX ramp: the top of lambda, the weight of the distillation terms (default: the released 0.2)" in help_text
 
 
 def test_every_flag_shows_its_default_and_abbreviations_are_refused():

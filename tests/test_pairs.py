@@ -156,12 +156,22 @@ def test_swin_l_and_deit_b_have_no_torchvision_weights():
         (["--model", "resnet18", "--teacher", "vit_h_14"], "no stage of the resnet18 student gives the teacher's 16x16 token grid"),
         (["--teacher", "swin_b", "--train-crop-size", "448"], "swin_b's last stage is 14x14 at 448x448 input"),
         (["--dataset", "cifar100"], "no CIFAR-100 in {tmp}: expected {tmp}/cifar-100-python/ (train, test, meta); pass --download"),
+        (["--train-crop-size", "72"], "--train-crop-size 72: image size 72 is not a multiple of vit_b_16's patch size 16: use a crop size such as 64 or 80"),
+        (["--recipe", "logits", "--train-crop-size", "72"], "--train-crop-size 72: image size 72 is not a multiple"),
+        (["--teacher", "deit_b", "--teacher-weights", "deit_b.pth"],
+         "teacher weights file deit_b.pth does not exist: make it with python scripts/convert_weights.py --arch deit_b"),
+        (["--dataset", "cifar100", "GENERATED"], "{tmp}/cifar-100-python/ holds train, test, meta but they are not the CIFAR-100 release"),
     ],
 )
 def test_bad_pairs_and_data_are_one_line(flags, message, tmp_path, capsys):
     """Found before a teacher is built or fetched: one line, status 1."""
+    if "GENERATED" in flags:  # torchvision's own file names and format, not its md5 sums
+        from cifar100_files import make_cifar100
+
+        make_cifar100(str(tmp_path), train_per_class=1, test_per_class=1)
+        flags = [flag for flag in flags if flag != "GENERATED"]
     argv = ["--recipe", "cakd", "--device", "cpu", "--data-path", str(tmp_path), "--output-dir", str(tmp_path / "out"),
-            "--teacher-weights", "none", "--workers", "0", *flags]
+            "--teacher-weights", "none", "--workers", "0", "--dataset", "synthetic", "--synthetic-size", "4", *flags]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message.format(tmp=tmp_path) in err[0], err

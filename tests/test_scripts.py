@@ -120,6 +120,9 @@ def test_evaluate_agrees_with_the_training_loop(trained, tmp_path, capsys):
         assert trainer_line(header, r[top1], r[top5]) in out, (argv, out[-500:])
         written = json.loads(numbers.read_text())
         assert (written["acc1"], written["acc5"], written["images"]) == (r[top1], r[top5], VAL_IMAGES)
+        assert f"({VAL_IMAGES} images, resize 64 / crop 64, 1 process(es))" in out  # the run's sizes, or the ones given
+    code, out, err = call("evaluate", ["--checkpoint", exported, "--data-path", trained.data, "--workers", 0], capsys)
+    assert code == 0 and "resize 224 / crop 224 (the released recipes' eval sizes: this file holds no flags" in out, err
 
 
 VIEW_KEYS = [f"views_{name}_{k}" for name in CORRUPTIONS + ("mean",) for k in ("acc1", "acc5")]
@@ -260,6 +263,9 @@ def test_attention_maps_png(trained, tmp_path, capsys):
     assert image.dtype == torch.uint8 and tuple(image.shape[1:]) == (880, 1200) and image.float().std() > 20
     assert "(1200x880 px, 3 rows: image | teacher | student | |difference|)" in out
     assert out.count("teacher|student scale") == 3 and "maps 16x16" in out  # 64x64 input, patch 16: 4x4 tokens
+    rows = [line.split("/")[0] for line in out.splitlines() if "teacher|student scale" in line]
+    assert rows == ["class_0", "class_1", "class_2"]  # one image of each class, not the first three of one
+    assert "with BatchNorm on running statistics (eval mode)" in out
 
     # the same weights in the released layout draw the same picture (the random teacher is redrawn from the seed)
     released = released_checkpoint(trained, str(tmp_path / "released.pth"))
@@ -278,18 +284,32 @@ def test_attention_maps_png(trained, tmp_path, capsys):
     assert code == 1 and len(err) == 1 and "holds no projectors" in err[0]
 
 
+def test_attention_figure_says_its_batchnorm_mode_and_rows_span_the_classes():
+    module = SCRIPTS["attention_maps"]
+    assert module.pick_rows([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1] and module.pick_rows([0, 0], 5) == [0, 1]
+    maps = torch.rand(2, 16, 16)
+    fig = module.figure(torch.rand(2, 3, 64, 64), maps, maps, ["a", "b"], "student with BatchNorm on batch statistics")
+    assert fig._suptitle.get_text() == "student with BatchNorm on batch statistics"
+    assert fig.axes[1].get_title() == "teacher q k^T (16 tokens, a 4x4 grid)"
+
+
 def test_training_writes_the_attention_maps_to_tensorboard(trained):
     """Rank 0 logs teacher | student | |difference| maps of the first 4 validation images after
-    each evaluation: 16x16 maps padded to 18 and scaled 8x, three columns, four rows."""
+    each evaluation: 16x16 maps scaled 8x, three titled columns, four rows, a colour bar with
+    its ends written beside the shared teacher/student scale and beside the difference's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(trained.out, "tensorboard"), size_guidance={"images": 0}).Reload()
     tag = "attention/teacher|student|difference"
     assert tag in events.Tags()["images"]
     (logged,) = events.Images(tag)  # one epoch, one picture
-    assert logged.step == 0 and (logged.width, logged.height) == (3 * 144, 4 * 144)
+    side, bars = 128, 2 * (10 + 48)  # a map, and a colour bar with its labels
+    assert logged.step == 0 and (logged.width, logged.height) == (3 * side + 3 * 6 + 2 * 2 - 6 + bars, 16 + 4 * (side + 6))
     image = torchvision.io.decode_image(torch.frombuffer(bytearray(logged.encoded_image_string), dtype=torch.uint8))
-    assert tuple(image.shape) == (3, 4 * 144, 3 * 144) and image.float().std() > 20
+    assert image.float().std() > 20 and (image[0] != image[2]).float().mean() > 0.3  # colour, not grey
+    assert (image[:, :16, :60] < 100).any()  # the first column's title is written in the top strip
+    bar = image[:, 16 + 64, 264:274].float()  # the teacher/student colour bar, halfway down the first row
+    assert bar.std(1).max() < 1 and (image[:, 16, 264] != image[:, 16 + side - 1, 264]).any()  # one colour across, a ramp down
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,18 +473,22 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
     r = trained.record
     cells = rows[trained.out].split(" | ")[1:]
     assert cells[:4] == ["cakd", "resnet18 <- vit_b_16", "1/1", f"{r['acc1']:.2f} / {r['acc1']:.2f}"]
-    assert cells[5] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}" and cells[-1] == "paper 71.73 / 90.41 |"  # Table 3
+    assert cells[5] == f"{r['ema_acc1']:.2f} / {r['ema_acc1']:.2f}"
+    assert cells[-1] == "– (a 7-class image folder, not ImageNet: no published number applies) |"  # not Table 3's 71.73
     image = decode_png(png)
     assert tuple(image.shape[1:]) == (300, 500) and (image[:3] != 255).any()
     # what the picture says: axes, a legend of run names, each run's published top-1 as a dashed line
     summarize = SCRIPTS["summarize"]
-    fig = summarize.plot([summarize.read_run(run) for run in (baseline, logits)], 500, 300)
+    fig = summarize.plot([summarize.read_run(run) for run in (baseline, logits, trained.out)], 500, 300)
     ax = fig.axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", "top-1 accuracy (%)")
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert legend == [baseline, f"{baseline}: paper 76.28", logits, f"{logits} (EMA)", f"{logits}: paper 77.02"]
+    name = os.path.basename(trained.out)  # runs are labelled by their folder names; the 7-class run has no published line
+    assert legend == ["baseline", "baseline: paper 76.28", "logits", "logits (EMA)", "logits: paper 77.02", name, f"{name} (EMA)"]
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert [line.get_ydata()[0] for line in dashed] == [76.28, 77.02]
+    fig.canvas.draw()
+    assert ax.get_legend().get_window_extent().x0 > ax.get_window_extent().x1  # beside the axes, off the curves
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the [plots] extra were not installed
     code, out, err = call("summarize", [baseline, "--plot", png], capsys)
@@ -472,3 +496,38 @@ def test_summarize_table_and_plot(trained, tmp_path, capsys, monkeypatch):
 
     code, out, err = call("summarize", [str(tmp_path / "nowhere")], capsys)
     assert code == 1 and len(err) == 1 and "nowhere does not exist" in err[0]
+
+
+def test_the_readmes_python_api_block_runs(tmp_path, monkeypatch):
+    """The README's Python API block, as written but for its sizes: 64 for 224, ResNet-18 for
+    ResNet-50, a random teacher for the download. It trains one step and exports the student."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = text.split("## Python API\n```python\n", 1)[1].split("```", 1)[0]
+    small = block.replace("224", "64").replace("resnet50", "resnet18").replace('"IMAGENET1K_V1"', '"none"')
+    assert small.count("64") >= 3 and "resnet18" in small and '"none"' in small
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(small, "README.md: Python API", "exec"), scope)
+    before = scope["student"].fc.weight.detach().clone()
+    student = torchvision.models.resnet18()
+    student.load_state_dict(torch.load(tmp_path / "resnet18_cakd.pth", weights_only=True))  # strict
+    assert set(scope["losses"]) == {"cls", "pca", "gl", "adv", "disc", "total"}
+    assert torch.equal(student.fc.weight, before)  # the exported student is the trained one
+    assert scope["student_optimizer"].state and scope["disc_optimizer"].state  # both stepped (momentum kept)
+
+
+def test_benchmark_profile_on_a_cpu_and_the_loader_alone():
+    """--profile on a CPU prints none of the profiler's own log lines (its "ERROR: ...
+    gpuGetDeviceCount failed"); a loader-only run's header names no model it never ran."""
+    bench = [sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--device", "cpu", "--batch-size", "2",
+             "--image-size", "64", "--num-classes", "10", "--steps", "1", "--warmup", "1"]
+    result = subprocess.run(bench + ["--student", "resnet18", "--teacher", "vit_b_32", "--modes", "ideal", "cakd", "--profile",
+                                     "--profile-steps", "1"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0 and "| sum of the parts |" in result.stdout, result.stderr[-2000:]
+    assert "ERROR" not in result.stderr and "gpuGetDeviceCount" not in result.stderr, result.stderr[-2000:]
+    result = subprocess.run(bench + ["--modes", "--loader-workers", "0", "--loader-batches", "1"], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = result.stdout.splitlines()[0]
+    assert header.startswith("# loader only: the cakd training preset at 64px, batch 2, generated 400x400 JPEGs, CPU (")
+    assert "resnet50" not in result.stdout and "vit_b_16" not in result.stdout

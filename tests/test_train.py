@@ -119,6 +119,19 @@ def test_unreadable_image_keeps_the_last_checkpoint(tmp_path, capsys):
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
+def test_a_validation_file_that_is_no_image_stops_the_run_before_the_first_epoch(tmp_path, capsys):
+    data = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=2, size=72)
+    bad = os.path.join(data, "val", "class_1", "broken.JPEG")
+    with open(bad, "wb") as f:
+        f.write(b"not an image at all")
+    out = str(tmp_path / "out")
+    code = main(small_flags("baseline", data, out, epochs=1))
+    captured = capsys.readouterr()
+    assert code == 1 and captured.err.strip().splitlines() == [f"error: cannot read image {bad} (UnidentifiedImageError: "
+                                                               f"cannot identify image file '{bad}'): remove or replace the file"]
+    assert "Epoch:" not in captured.out and not os.path.exists(os.path.join(out, "checkpoint.pth"))
+
+
 def test_resume_from_a_corrupt_or_missing_file(tmp_path, capsys, data_dir):
     corrupt = tmp_path / "checkpoint.pth"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
@@ -244,6 +257,12 @@ def test_test_only_agrees_with_training_evaluation(tmp_path, capsys, data_dir):
     assert f"Test: Acc@1 {record['acc1']:.3f} Acc@5 {record['acc5']:.3f}" in printed
     assert f"Test: EMA Acc@1 {record['ema_acc1']:.3f}" in printed
     assert "Epoch: [" not in printed and "Epoch: [0]" in trained
+    assert "cakd.train: logits recipe" in trained and "cakd.train:" not in printed  # no training banner
+    before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
+    assert main(flags + ["--resume", "auto"]) == 0  # the same run again: it is finished
+    again = capsys.readouterr().out
+    assert f"{out}/checkpoint.pth is a finished run: all 1 epochs trained; nothing to do" in again
+    assert "Start training" not in again and open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
 def test_quickstart_script(tmp_path):
@@ -255,6 +274,7 @@ def test_quickstart_script(tmp_path):
     assert "Epoch: [0] Total time" in result.stdout and "Test: EMA Acc@1" in result.stdout
     for name in ("checkpoint.pth", "config.yaml", "metrics.jsonl", "tensorboard"):
         assert os.path.exists(tmp_path / "qs" / name), name
+    assert not list((tmp_path / "qs").glob("model_*.pth"))  # no second full copy of the last state
 
 
 def test_test_only_weights_and_metrics_after_resume(tmp_path, capsys, data_dir):

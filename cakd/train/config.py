@@ -9,6 +9,7 @@ generated from the recipe config dataclasses, so each has one source of truth.
 import argparse
 import dataclasses
 import difflib
+import inspect
 import os
 import re
 import sys
@@ -64,6 +65,11 @@ class HelpFormatter(argparse.HelpFormatter):
         shown = "off" if default is False else "none" if default in (None, "", []) else "%(default)s"
         return f"{text} (default: {shown})"
 
+    def _format_action_invocation(self, action):
+        if isinstance(action, Switch):  # the off form takes no value
+            return f"{action.option_strings[0]} [true|false], {action.option_strings[1]}"
+        return super()._format_action_invocation(action)
+
 
 def nearest(word, choices):
     """The choices that start with ``word`` (up to three: "a, b or c"), else the one closest to
@@ -85,6 +91,30 @@ def _bool(value):
 
 def _optional_str(value):
     return None if value is None or str(value).lower() in ("", "none", "null") else value
+
+
+def optional(kind):
+    """A number flag that ``none`` unsets: a YAML's value can be undone on the command line."""
+
+    def convert(value):
+        return None if _optional_str(value) is None else kind(value)
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid float value"
+    return convert
+
+
+class Switch(argparse.BooleanOptionalAction):
+    """An on/off flag: ``--x`` and ``--no-x``, or ``--x true|false`` (the distiller's switches
+    took a value, and a YAML key gives one), so the command line can undo what a YAML set."""
+
+    def __init__(self, option_strings, dest, default=None, help=None, **kwargs):
+        super().__init__(option_strings, dest, default=default, **kwargs)
+        self.nargs, self.type, self.metavar, self.help = "?", _bool, "true|false", help  # help: HelpFormatter adds the default
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-") and values is not None:
+            parser.error(f"{option_string} takes no value: it means {option_string.replace('--no-', '--', 1)} false")
+        setattr(namespace, self.dest, not option_string.startswith("--no-") if values is None else values)
 
 
 def distiller_option_fields():
@@ -142,12 +172,12 @@ def get_args_parser(add_help=True):
         choices=["imagefolder", "cifar100", "synthetic"],
         help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images",
     )
-    g.add_argument("--download", action="store_true", help="cifar100: fetch the dataset into --data-path first (once)")
+    g.add_argument("--download", default=False, action=Switch, help="cifar100: fetch the dataset into --data-path first (once)")
     g.add_argument("--synthetic-size", default=1024, type=int, help="training images of --dataset synthetic")
-    g.add_argument("--num-classes", default=None, type=int, help="classes of --dataset synthetic (default 1000)")
+    g.add_argument("--num-classes", default=None, type=optional(int), help="classes of --dataset synthetic (default 1000)")
     g.add_argument("-b", "--batch-size", default=32, type=int, help="images per gpu, the total batch size is $NGPU x batch_size")
     g.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="number of data loading workers per process")
-    g.add_argument("--cache-dataset", action="store_true", help="cache the datasets (and their transforms) for quicker start")
+    g.add_argument("--cache-dataset", default=False, action=Switch, help="cache the datasets (and their transforms) for quicker start")
     g.add_argument("--interpolation", default="bilinear", type=str, help="the interpolation method")
     g.add_argument("--val-resize-size", default=256, type=int, help="the resize size used for validation")
     g.add_argument("--val-crop-size", default=224, type=int, help="the central crop size used for validation")
@@ -158,7 +188,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--random-erase", default=0.0, type=float, help="random erasing probability")
     g.add_argument("--mixup-alpha", default=0.0, type=float, help="mixup alpha")
     g.add_argument("--cutmix-alpha", default=0.0, type=float, help="cutmix alpha")
-    g.add_argument("--ra-sampler", action="store_true", help="use the repeated augmentation sampler")
+    g.add_argument("--ra-sampler", default=False, action=Switch, help="use the repeated augmentation sampler")
     g.add_argument("--ra-reps", default=3, type=int, help="number of repetitions for the repeated augmentation sampler")
 
     g = p.add_argument_group("optimization")
@@ -167,10 +197,10 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr", default=0.1, type=float, help="initial learning rate")
     g.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum")
     g.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay", help="weight decay")
-    g.add_argument("--norm-weight-decay", default=None, type=float, help="weight decay for normalization layers (default: --wd)")
-    g.add_argument("--bias-weight-decay", default=None, type=float, help="weight decay for bias parameters (default: --wd)")
+    g.add_argument("--norm-weight-decay", default=None, type=optional(float), help="weight decay for normalization layers (default: --wd)")
+    g.add_argument("--bias-weight-decay", default=None, type=optional(float), help="weight decay for bias parameters (default: --wd)")
     g.add_argument(
-        "--transformer-embedding-decay", default=None, type=float, help="weight decay for embedding parameters (default: --wd)"
+        "--transformer-embedding-decay", default=None, type=optional(float), help="weight decay for embedding parameters (default: --wd)"
     )
     g.add_argument("--label-smoothing", default=0.0, type=float, help="label smoothing")
     g.add_argument("--lr-scheduler", default="steplr", type=str.lower, choices=SCHEDULERS, help="the main schedule, after any warmup")
@@ -181,28 +211,32 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr-milestones", default=[], type=int, nargs="*", help="multisteplr: decrease lr at these epochs (counted after warmup)")
     g.add_argument("--lr-gamma", default=0.1, type=float, help="decrease lr by a factor of lr-gamma")
     g.add_argument("--lr-min", default=0.0, type=float, help="minimum lr of the cosine schedule")
-    g.add_argument("--clip-grad-norm", default=None, type=float, help="the maximum gradient norm (student)")
-    g.add_argument("--model-ema", action="store_true", help="track an exponential moving average of the student")
+    g.add_argument("--clip-grad-norm", default=None, type=optional(float), help="the maximum gradient norm (student); none: no clipping")
+    g.add_argument("--model-ema", default=False, action=Switch, help="track an exponential moving average of the student")
     g.add_argument("--model-ema-steps", default=32, type=int, help="iterations between EMA updates")
     g.add_argument("--model-ema-decay", default=0.99998, type=float, help="EMA decay factor")
 
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda", type=str, help="cuda or cpu")
-    g.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    g.add_argument("--amp", default=False, action=Switch, help="automatic mixed precision")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="float16 (with GradScaler) or bfloat16")
-    g.add_argument("--channels-last", action="store_true", help="student and teacher in channels_last memory format")
-    g.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
-    g.add_argument("--sync-bn", action="store_true", help="use sync batch norm in the student")
-    g.add_argument("--use-deterministic-algorithms", action="store_true", help="forces the use of deterministic algorithms only")
+    g.add_argument("--channels-last", default=False, action=Switch, help="student and teacher in channels_last memory format")
+    g.add_argument("--compile", default=False, action=Switch, help="torch.compile the student and the teacher")
+    g.add_argument("--sync-bn", default=False, action=Switch, help="use sync batch norm in the student")
+    g.add_argument("--use-deterministic-algorithms", default=False, action=Switch, help="forces the use of deterministic algorithms only")
     g.add_argument("--seed", default=0, type=int, help="seed of weights, sampler and augmentation")
     g.add_argument("--print-freq", default=10, type=int, help="print frequency (iterations)")
     g.add_argument("--output-dir", default=".", type=str, help="path to save outputs")
-    g.add_argument("--resume", default="", type=str, help="path of checkpoint")
-    g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
-    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
-    g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")
     g.add_argument(
-        "--eval-views", action="store_true",
+        "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"
+    )
+    g.add_argument(
+        "--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs (checkpoint.pth is always the last)"
+    )
+    g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
+    g.add_argument("--test-only", default=False, action=Switch, help="only evaluate the student (and its EMA)")
+    g.add_argument(
+        "--eval-views", default=False, action=Switch,
         help="also evaluate on every validation image under each view of --eval-views-protocol (Figure 3 C4/C5)",
     )
     g.add_argument(
@@ -213,15 +247,48 @@ def get_args_parser(add_help=True):
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
 
-    g = p.add_argument_group("distiller", "loss weights and switches; unset means the recipe's released value")
+    g = p.add_argument_group(
+        "distiller",
+        "loss weights and switches; unset (or none) means the recipe's released value. In the cakd recipe lambda(epoch) "
+        "also multiplies the weighted distillation terms (--lambda-scope says which)",
+    )
+    meanings = distiller_option_meanings()
     for field in distiller_option_fields():
-        kinds = {bool: _bool, "bool": _bool, int: int, "int": int, str: str, "str": str}
-        kind = kinds.get(field.type, float)
-        text = f"default: the released {field.default!r}"
+        text = f"{meanings.get(field.name, field.name.replace('_', ' '))} (default: the released {field.default!r})"
         if field.name in CHOICES:  # checked by the distiller's config, so a saved null still loads
             text += f"; one of {', '.join(CHOICES[field.name])}"
-        g.add_argument("--" + field.name.replace("_", "-"), default=None, type=kind, help=text)
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            g.add_argument(flag, default=None, action=Switch, help=text)
+        else:
+            kind = {int: int, "int": int, str: str, "str": str}.get(field.type, float)
+            g.add_argument(flag, default=None, type=kind if kind is str else optional(kind), help=text)
     return p
+
+
+# what a distiller number weighs, where the field's comment in cakd/distillers.py does not say it
+MEANINGS = {
+    "lambda_span": "ramp: epochs from lambda_start until lambda reaches lambda_max",
+    "lambda_max": "ramp: the top of lambda, the weight of the distillation terms",
+    "pca_head_dim": "released attention projector: width of each head (maps scaled by its -1/2 power)",
+    "gl_window": "group-wise projector: a group is a window of this many tokens a side",
+    "gl_batched": "group-wise projector as one batched matmul (false: a loop over the groups; same numbers)",
+    "lambda_constant": "lambda_form constant: lambda, the weight of the distillation terms, at every epoch",
+}
+
+
+def distiller_option_meanings():
+    """Each distiller field's meaning: its comment in the config dataclass (one source), else MEANINGS."""
+    found = dict(MEANINGS)
+    for recipe in DISTILLERS.values():
+        for line in inspect.getsource(recipe.config_class).splitlines():
+            match = re.match(r"\s+(\w+): \w+ = [^#]*#\s*(.*)$", line)
+            if match and match.group(1) not in found:
+                name, text = match.groups()
+                if name.endswith("_weight") and "weight" not in text:
+                    text = "weight of " + text
+                found[name] = "on/off: " + text if name.startswith("use_") else text
+    return found
 
 
 def _known_keys(parser):
@@ -275,15 +342,47 @@ def load_yaml(path, parser, _seen=()):
     return defaults
 
 
+def print_help(argv):
+    """``--help`` that also says what this command line runs: each flag its ``--config`` YAML or
+    its other flags set is marked ``[this command: VALUE]``, so an experiment script's ``--help``
+    shows the recipe it launches, not only the bare defaults."""
+    parser = get_args_parser()
+    args = parse_args([arg for arg in argv if arg not in ("-h", "--help")])
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and action.dest not in ("help", "config") and value != action.default:
+            action.help = f"{action.help} [this command: {str(value).replace('%', '%%')}]"
+    if args.config:
+        parser.description += f". Values marked [this command: ...] are what this command line runs ({args.config} and its flags)"
+    parser.print_help()
+
+
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(argv)
+        sys.exit(0)
     parser = get_args_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         parser.set_defaults(**load_yaml(pre.config, parser))
     args = parser.parse_args(argv)
-    if args.print_freq < 1:
-        parser.error(f"--print-freq {args.print_freq}: it must be 1 or more (iterations between progress lines)")
+    for flag, wrong, meaning in REFUSED:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and wrong(value):
+            parser.error(f"{flag} {value}: {meaning}")
     return args
+
+
+# values that cannot mean what they say: (flag, test, what to give instead)
+REFUSED = (
+    ("--print-freq", lambda v: v < 1, "it must be 1 or more (iterations between progress lines)"),
+    ("--clip-grad-norm", lambda v: v <= 0, "it would clip every gradient to zero; give a norm above 0, or none for no clipping"),
+    ("--model-ema-steps", lambda v: v < 1, "it must be 1 or more (iterations between EMA updates)"),
+    ("--checkpoint-freq", lambda v: v < 1, "it must be 1 or more (epochs between kept model_{epoch}.pth files)"),
+    ("--ra-reps", lambda v: v < 1, "it must be 1 or more (repetitions of each image per epoch)"),
+    ("--batch-size", lambda v: v < 1, "it must be 1 or more (images per process)"),
+)
 
 
 def distiller_overrides(args):

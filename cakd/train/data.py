@@ -128,16 +128,32 @@ class ClassificationPresetEval:
 # ----------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------
+def _unreadable(path, error):
+    detail = " ".join(str(error).split())
+    return DataError(f"cannot read image {path} ({type(error).__name__}: {detail}): remove or replace the file")
+
+
 def load_image(path):
     """PIL loader that names the file when it cannot be decoded, instead of a bare PIL error."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # convert() decodes, so truncated files fail here too
     except (OSError, SyntaxError, ValueError) as error:
-        detail = " ".join(str(error).split())
-        raise DataError(
-            f"cannot read image {path} ({type(error).__name__}: {detail}): remove or replace the file"
-        ) from None
+        raise _unreadable(path, error) from None
+
+
+def check_images(dataset):
+    """Open (read the header of, not decode) each image of this rank's validation shard, so that a
+    file that is no image stops the run before the first epoch, not after it (its training unsaved).
+    A file cut short inside its pixels still passes: only a full decode finds that."""
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    for path, _ in getattr(dataset, "samples", [])[rank::world_size]:  # ShardSampler's share
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, SyntaxError, ValueError) as error:
+            raise _unreadable(path, error) from None
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
@@ -250,6 +266,14 @@ def _cifar100(args, train_transform, val_transform):
         train = torchvision.datasets.CIFAR100(root, train=True, transform=train_transform)
         val = torchvision.datasets.CIFAR100(root, train=False, transform=val_transform)
     except RuntimeError:  # "Dataset not found or corrupted"
+        folder = os.path.join(root, torchvision.datasets.CIFAR100.base_folder)
+        files = [name for name, _ in torchvision.datasets.CIFAR100.train_list + torchvision.datasets.CIFAR100.test_list]
+        files.append(torchvision.datasets.CIFAR100.meta["filename"])
+        if all(os.path.isfile(os.path.join(folder, name)) for name in files):
+            raise DataError(
+                f"{folder}/ holds {', '.join(files)} but they are not the CIFAR-100 release (their md5 sums differ, which "
+                "torchvision checks): a damaged or other copy; delete the folder and pass --download, or put the original files there"
+            ) from None
         raise DataError(
             f"no CIFAR-100 in {root}: expected {where}; pass --download to fetch it there (about 170 MB) "
             "or point --data-path at the folder that holds cifar-100-python/"
@@ -295,6 +319,7 @@ def build_datasets(args):
             f"cached class lists of {train_dir} and {val_dir} differ: "
             f"delete {_cache_path(train_dir)} and {_cache_path(val_dir)} or run without --cache-dataset"
         )
+    check_images(val)
     num_classes = len(train.classes)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise DataError(

@@ -95,8 +95,24 @@ def torchrun_lets_go_of_sigterm():
     return any("--signals-to-handle" in action.option_strings for action in torchrun.get_args_parser()._actions)
 
 
+def trainer_help(argv):
+    """``... -m cakd.train ... --help``: the trainer's help printed here, once, instead of by
+    every rank torchrun would start (with the values this command line runs)."""
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv) or argv[argv.index("-m") + 1] != "cakd.train":
+        return False
+    flags = argv[argv.index("-m") + 2 :]
+    if "-h" not in flags and "--help" not in flags:
+        return False
+    from .config import print_help
+
+    print_help(flags)
+    return True
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if trainer_help(argv):
+        return 0
     if torchrun_lets_go_of_sigterm():
         argv = ["--signals-to-handle", TORCHRUN_SIGNALS, *argv]
         signal.signal(signal.SIGTERM, on_sigterm)

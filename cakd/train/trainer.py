@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from . import distributed as dist_utils
 from ..checkpoint import StateMismatch, save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
-from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, no_weights
+from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, check_teacher_input, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
@@ -42,9 +42,14 @@ class Run:
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
+        if args.recipe != "baseline" and not args.test_only:  # before data, student or teacher
+            try:
+                check_teacher_input(args.teacher, args.train_crop_size)
+            except ValueError as error:
+                raise UserError(f"--train-crop-size {args.train_crop_size}: {error}") from None
         if args.recipe == "cakd" and not args.test_only and args.model in CNN_STUDENTS:
             try:
-                check_pair(args.model, args.teacher, args.train_crop_size)  # before data, student or teacher
+                check_pair(args.model, args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(args)
@@ -200,7 +205,9 @@ class Run:
         state = self.state(epoch, step)
         if dist_utils.is_main_process() and self.args.output_dir:
             save_atomic(state, os.path.join(self.args.output_dir, "checkpoint.pth"))
-            if step is None and ((epoch + 1) % self.args.checkpoint_freq == 0 or epoch + 1 == self.args.epochs):
+            # only on the frequency: at the end checkpoint.pth is the last state, a second full copy
+            # of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
+            if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
                 save_atomic(state, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
         self.saved = (epoch, step)
 
@@ -270,7 +277,7 @@ class Run:
         pair = f"{a.model} alone" if a.recipe == "baseline" else f"{a.model} <- {a.teacher} ({a.teacher_weights})"
         line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
                 f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
-        if a.recipe == "cakd" and not a.test_only:
+        if a.recipe == "cakd":
             line += "\n  " + lambda_schedule(self.distiller, a.epochs)
         return line
 
@@ -301,6 +308,8 @@ class Run:
 def lambda_schedule(distiller, epochs):
     """When lambda, the weight of the distillation terms, is non-zero, in words."""
     weights = [distiller.distill_weight(epoch) for epoch in range(epochs)]
+    if distiller.config.lambda_scope == "adversarial" and not distiller.config.use_adv:
+        return "no adversarial term (use_adv false), so lambda (lambda_scope adversarial) weighs nothing"
     scope = "on every distillation term" if distiller.config.lambda_scope == "all" else "on the adversarial term"
     nonzero = [epoch for epoch, weight in enumerate(weights) if weight > 0]
     if not nonzero:
@@ -357,10 +366,16 @@ def train(args):
     args.resume = resume_path(args)
     run = Run(args)
     run.stop = stop
-    print_main(run.header())
+    if not args.test_only:
+        print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
+        if not args.test_only and start_epoch >= args.epochs:
+            print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
+                       "(raise --epochs to train on, or evaluate it with --test-only)")
+            run.tensorboard.close()
+            return {}
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
         if dist_utils.is_main_process() and args.output_dir and not args.test_only:
             _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
