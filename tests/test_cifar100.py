@@ -30,8 +30,8 @@ def test_generated_cifar100_is_read_by_torchvisions_class(tmp_path, monkeypatch)
 
 
 def test_the_four_steps_of_run_cifar100_with_torchrun(tmp_path):
-    """Teacher fine-tuning (a ViT-B/16 student), then baseline, logits and cakd students from
-    that teacher, one short epoch each, 2 CPU processes per step."""
+    """Teacher fine-tuning (a ViT-B/16 student), then baseline, Hinton KD (the paper's "Logits")
+    and the paper's CAKD students from that teacher, one short epoch each, 2 CPU processes per step."""
     data = make_cifar100(str(tmp_path / "data"), train_per_class=1, test_per_class=1, num_classes=100)
     site = tmp_path / "site"  # torchrun's processes import it at start: the md5 check goes, nothing else
     site.mkdir()
@@ -50,7 +50,7 @@ def test_the_four_steps_of_run_cifar100_with_torchrun(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     teacher_checkpoint = str(out / "teacher" / "checkpoint.pth")
     for step, recipe, model in (("teacher", "baseline", "vit_b_16"), ("baseline", "baseline", "resnet18"),
-                                ("logits", "logits", "resnet18"), ("cakd", "cakd", "resnet18")):
+                                ("logits", "kd", "resnet18"), ("cakd", "cakd", "resnet18")):
         checkpoint = torch.load(out / step / "checkpoint.pth", weights_only=True)
         args = checkpoint["args"]
         assert (checkpoint["epoch"], args["recipe"], args["model"], args["dataset"]) == (0, recipe, model, "cifar100"), step
@@ -58,5 +58,7 @@ def test_the_four_steps_of_run_cifar100_with_torchrun(tmp_path):
         if step in ("logits", "cakd"):
             assert args["teacher"] == "vit_b_16" and args["teacher_weights"] == teacher_checkpoint
         assert os.path.getsize(out / step / "metrics.jsonl") > 0
-    assert "cls_proj.weight" in torch.load(out / "cakd" / "checkpoint.pth", weights_only=True)["projectors"]
+    cakd_step = torch.load(out / "cakd" / "checkpoint.pth", weights_only=True)  # Table 1's CAKD: the paper's
+    assert (cakd_step["args"]["pca_form"], cakd_step["args"]["logits_form"], cakd_step["args"]["disc_form"]) == ("paper", "kd", "mlp")
+    assert "pca_proj.to_qkv.weight" in cakd_step["projectors"] and "cls_proj.weight" not in cakd_step["projectors"]
     assert result.stdout.count("Test: Acc@1") == 4 and "(100 images)" in result.stdout
