@@ -61,8 +61,8 @@ def rkd_loss(
     chi^3; the authors' code averages over all ``N^2`` and ``N^3`` entries, the degenerate
     ones adding zeros: factors ``(N-1)/N`` and ``(N-1)(N-2)/N^2`` apart). The weights 25 and
     50 are the paper's, tuned with the averaged form. A batch of 2 shows RKD no relation: its
-    one normalised distance is 1 on both sides and it holds no triplet, so the loss is 0. Computed in float32 at least; memory
-    ``N^2 D``, as in the authors' angle term.
+    one normalised distance is 1 on both sides and it holds no triplet, so the loss is 0.
+    Computed in float32 at least; memory ``N^2 D``, as in the authors' angle term.
     """
     dist_s, cos_s = _relations(student_embedding)
     with torch.no_grad():
@@ -85,9 +85,11 @@ def _max_normalised(values: torch.Tensor) -> torch.Tensor:
 
 def _edges(features: torch.Tensor) -> torch.Tensor:
     """IRG's edge matrix ``A(i, j) = ||f_i - f_j||^2`` (squared: smooth at repeated samples),
-    normalised by its maximum over the batch."""
+    normalised by its maximum over the batch. From the Gram matrix: memory ``N^2``, not ``N^2 D``."""
     f = _working_dtype(features.flatten(1))
-    return _max_normalised((f[:, None, :] - f[None, :, :]).pow(2).sum(2))
+    norms = f.pow(2).sum(1)
+    off = ~torch.eye(len(f), dtype=torch.bool, device=f.device)
+    return _max_normalised((norms[:, None] + norms[None, :] - 2 * f @ f.T).clamp_min(0) * off)
 
 
 def _shift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -125,13 +127,13 @@ def irg_loss(
       how far each instance moves from ``student_transforms[p][0]`` to ``[p][1]`` and
       likewise in the teacher (two layers of one width within each network).
 
-    Where the paper is silent we follow the authors' released Caffe code: ``A`` and
-    ``Lambda`` are squared Euclidean distances divided by their batch maximum (held
-    constant in the gradient), and each term is Caffe's EuclideanLoss, half the summed
-    squares over the blob's first axis (``N`` for the logits and the ``N x N`` map, 1 for
-    the ``Lambda`` vector). ``edge_weight`` and ``transform_weight`` are the 0.005 of the
-    released prototxts; ``vertex_weight`` 1.0 (they carry no logits term) weighs the logits
-    like the cross-entropy. Repeated samples give distance 0 and finite gradients; in a batch
+    Normalisation and reductions are those of the authors' released Caffe code (yufanLIU/IRG):
+    ``A`` and ``Lambda`` are squared Euclidean distances divided by their batch maximum (held
+    constant in the gradient, as its BatchEuclideanMap/Vector layers do), and each term is
+    Caffe's EuclideanLoss, half the summed squares over the blob's first axis (``N`` for the
+    logits and the ``N x N`` map, 1 for the ``Lambda`` vector). ``edge_weight`` and
+    ``transform_weight`` are the 0.005 of its IRG and IRG-transformation prototxts;
+    ``vertex_weight`` 1.0 (they carry no logits term) weighs the logits like the cross-entropy. Repeated samples give distance 0 and finite gradients; in a batch
     of 2, ``A / max A`` is the same on both sides, so the edges teach nothing there.
     """
     if len(student_features) != len(teacher_features):
