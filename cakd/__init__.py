@@ -1,7 +1,7 @@
 """Cross-Architecture Knowledge Distillation (Liu et al., ACCV 2022) on stock torch and torchvision."""
 from .checkpoint import export_student
 from .distillers import BaselineConfig, CAKDConfig, KDConfig, LogitsConfig, build_distiller
-from .losses import kd_loss
+from .losses import irg_loss, kd_loss, rkd_loss
 from .models import build_student, build_teacher
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "build_student",
     "build_teacher",
     "export_student",
+    "irg_loss",
     "kd_loss",
+    "rkd_loss",
 ]
 __version__ = "0.1.0"

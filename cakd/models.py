@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 from torch.func import functional_call
 from torchvision.models import SwinTransformer, VisionTransformer
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 # the normalization of torchvision's ImageNet weights, teachers and students alike
@@ -29,6 +30,7 @@ CNN_STUDENTS = (
     "resnet50",
     "resnet101",
     "resnet152",
+    "resnet50x2",
     "wide_resnet50_2",
     "wide_resnet101_2",
     "resnext50_32x4d",
@@ -76,7 +78,35 @@ def deit_b(num_classes: int = 1000, image_size: int = 224, **kwargs) -> VisionTr
     )
 
 
-OWN_BUILDERS = {"swin_l": swin_l, "deit_b": deit_b}
+class DoubleBottleneck(Bottleneck):
+    """torchvision's Bottleneck with its output doubled too (8x ``planes``, not 4x); with
+    ``width_per_group=128`` its inner width is doubled as well."""
+
+    expansion = 8
+
+
+def resnet50x2(num_classes: int = 1000) -> ResNet:
+    """ResNet-50 with every width doubled, the CAKD paper's ResNet50x2 (as in SimCLR): stem
+    128, inner widths 128/256/512/1024, stage outputs 512/1024/2048/4096; 16.1 G multiply-adds
+    at 224 by torch's count (the paper: 15.9), 98.0 M parameters. Not ``wide_resnet50_2``, which doubles the inner width only. Built from
+    torchvision's ResNet and Bottleneck; its stem is hard-wired to 64 channels, so the stem and
+    ``layer1`` (which reads it) are rebuilt at 128 and initialised as torchvision does."""
+    model = ResNet(DoubleBottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
+    model.conv1 = nn.Conv2d(3, 128, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = model._norm_layer(128)
+    model.inplanes = 128
+    model.layer1 = model._make_layer(DoubleBottleneck, 64, 3)
+    for module in (model.conv1, model.bn1, *model.layer1.modules()):
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return model
+
+
+OWN_BUILDERS = {"swin_l": swin_l, "deit_b": deit_b, "resnet50x2": resnet50x2}
+CONVERTED = ("swin_l", "deit_b")  # weights made from the official release by scripts/convert_weights.py
 
 
 def architecture(name: str, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
@@ -187,7 +217,7 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
     if weights.endswith((".pth", ".pt")) or os.sep in weights:
         if not os.path.isfile(weights):
             hint = ""
-            if name in OWN_BUILDERS:  # no torchvision weights: the file is made from the official release
+            if name in CONVERTED:
                 hint = f": make it with python scripts/convert_weights.py --arch {name} --input OFFICIAL.pth --output {weights}"
             raise FileNotFoundError(f"{role} weights file {weights} does not exist{hint}")
         state = torch.load(weights, map_location="cpu", weights_only=True)
@@ -199,10 +229,8 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
             raise ValueError(f"{weights} is not a state dict of {name} (no {head})")
         return dict(state)
     if name in OWN_BUILDERS:
-        raise ValueError(
-            f"torchvision has no {name} weights: convert the official release with "
-            f"scripts/convert_weights.py --arch {name} and pass the .pth file"
-        )
+        how = f"convert the official release with scripts/convert_weights.py --arch {name} and " if name in CONVERTED else ""
+        raise ValueError(f"torchvision has no {name} weights: {how}pass the .pth file")
     enum = torchvision.models.get_model_weights(name)
     try:
         member = enum[weights]
