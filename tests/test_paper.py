@@ -123,23 +123,33 @@ def test_multiview_draws_in_the_documented_order_and_clamps_as_torchvision():
         torch.testing.assert_close(out[i], expected, rtol=0, atol=2e-6)
 
 
-def test_eval_views_are_seeded_per_image_and_leave_the_global_generator_alone():
-    generator = MultiViewGenerator()  # training mode or not: view() transforms every image
+def assert_views_seeded_per_image(protocol, names, size):
+    """Every image of a batch viewed, in [0, 1], independently of its batch; torch's global
+    generator untouched. Returns the views of images 10-15 under each name."""
     mean, std = MEAN_STD
     torch.manual_seed(0)
-    images = (torch.rand(6, 3, 16, 16) - mean) / std
-    for name in TRANSFORMS:
+    images = (torch.rand(6, 3, size, size) - mean) / std
+    views = {}
+    for name in names:
         state = torch.get_rng_state()
-        whole = generator.view(images, name, range(10, 16))
+        whole = protocol.view(images, name, range(10, 16))
         assert torch.equal(torch.get_rng_state(), state), name
-        split = torch.cat([generator.view(images[:2], name, [10, 11]), generator.view(images[2:], name, range(12, 16))])
+        split = torch.cat([protocol.view(images[:2], name, [10, 11]), protocol.view(images[2:], name, range(12, 16))])
         assert torch.equal(whole, split), name  # an image's view does not depend on its batch
-        assert torch.equal(whole, generator.view(images, name, range(10, 16))), name
-        assert not torch.equal(whole, generator.view(images, name, range(10, 16), seed=1)), name
-        assert not torch.equal(whole[:3], generator.view(images[:3], name, range(20, 23))), name
         assert (whole != images).flatten(1).any(dim=1).all(), name  # every image transformed
         pixels = whole * std + mean
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, name
+        views[name] = whole
+    return images, views
+
+
+def test_eval_views_are_seeded_per_image_and_leave_the_global_generator_alone():
+    generator = MultiViewGenerator()  # training mode or not: view() transforms every image
+    images, views = assert_views_seeded_per_image(generator, TRANSFORMS, 16)
+    for name, whole in views.items():
+        assert torch.equal(whole, generator.view(images, name, range(10, 16))), name
+        assert not torch.equal(whole, generator.view(images, name, range(10, 16), seed=1)), name
+        assert not torch.equal(whole[:3], generator.view(images[:3], name, range(20, 23))), name
 
 
 def test_evaluate_views_feeds_each_image_its_seeded_view():
@@ -411,18 +421,9 @@ def test_corruptions_are_not_training_transforms_and_are_seeded_per_image():
     assert not set(CORRUPTIONS) & set(TRANSFORMS)  # none of them a multi-view generator transform
     assert VIEW_PROTOCOLS["corruptions"].names == CORRUPTIONS and VIEW_PROTOCOLS["train_views"].names == TRANSFORMS
     protocol = Corruptions()
+    images, _ = assert_views_seeded_per_image(protocol, CORRUPTIONS, 32)
+    images = images[:5]
     mean, std = MEAN_STD
-    torch.manual_seed(0)
-    images = (torch.rand(5, 3, 32, 32) - mean) / std
-    for name in CORRUPTIONS:
-        state = torch.get_rng_state()
-        whole = protocol.view(images, name, range(10, 15))
-        assert torch.equal(torch.get_rng_state(), state), name  # the global generator is left alone
-        split = torch.cat([protocol.view(images[:2], name, [10, 11]), protocol.view(images[2:], name, range(12, 15))])
-        assert torch.equal(whole, split), name  # an image's corruption does not depend on its batch
-        assert (whole != images).flatten(1).any(dim=1).all(), name  # every image corrupted
-        pixels = whole * std + mean
-        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5, name
     elastic = protocol.view(images, "elastic", range(5))
     assert not torch.equal(elastic, protocol.view(images, "elastic", range(5), seed=1))  # the one random corruption
     assert not torch.equal(elastic[:1], protocol.view(images[:1], "elastic", [7]))  # drawn per image index
