@@ -1,6 +1,7 @@
 """Weights in and out: import of the released code's checkpoint layout, export of a plain
 torchvision student, and atomic saving."""
 import os
+import pickle
 import re
 import tempfile
 import textwrap
@@ -109,3 +110,18 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def load_error(error):
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line.
+
+    For a file holding objects other than tensors torch's message advises ``weights_only=False``,
+    which would run whatever code the file carries: that advice is left out, the object it
+    refused is kept."""
+    if isinstance(error, pickle.UnpicklingError):
+        noise = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(noise)]
+        detail = " ".join(lines).replace("WeightsUnpickler error:", "").strip() or "an object that is not a tensor"
+        return f"it holds objects other than tensors, not loaded since that could run code: {detail}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"  # whole: a cut word misleads

@@ -19,6 +19,8 @@ from torch.func import functional_call
 from torchvision.models import SwinTransformer, VisionTransformer
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from .checkpoint import load_error
+
 # the normalization of torchvision's ImageNet weights, teachers and students alike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,7 +179,10 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
     if weights.endswith((".pth", ".pt")) or os.sep in weights:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{role} weights file {weights} does not exist")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # a broken file, or a pickle of other objects
+            raise ValueError(f"{role} weights file {weights} cannot be read ({load_error(error)}): pass a state dict .pth") from None
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

@@ -1,10 +1,12 @@
 """Reading a training checkpoint back, and the RNG states that make a resume exact."""
 import os
+import pickle
 import random
 
 import numpy as np
 import torch
 
+from ..checkpoint import load_error
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or of another kind; the message says what to do."""
@@ -40,10 +42,10 @@ def load_checkpoint(path, training=True):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path given to --resume")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle garbage, wrong format
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""  # whole: a cut word misleads
+    except Exception as error:  # truncated zip, pickle garbage, wrong format, a crafted pickle
+        what = "it is not a checkpoint cakd wrote" if isinstance(error, pickle.UnpicklingError) else "it is corrupt or truncated"
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}): it is corrupt or truncated; "
+            f"checkpoint {path} cannot be read ({load_error(error)}): {what}; "
             "resume from an earlier model_<epoch>.pth in the same folder"
         ) from None
     missing = [key for key in TRAINING_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else TRAINING_KEYS
