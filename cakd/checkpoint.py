@@ -1,5 +1,6 @@
 """Weights in and out: import of the released code's checkpoint layout, export of a plain
 torchvision student, and atomic saving."""
+import contextlib
 import os
 import pickle
 import re
@@ -90,19 +91,21 @@ def export_student(model):
     return {key: value.detach().clone() for key, value in student.state_dict().items()}
 
 
-def save_atomic(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint behind. The file gets the mode a plain ``open`` would
-    give it (the user's umask), not the temporary file's private 0600."""
+@contextlib.contextmanager
+def _replacing(path, suffix, mode):
+    """A file object on a temporary file in ``path``'s folder that replaces ``path`` once written
+    whole and synced; removed if anything fails before (a crash leaves a ``.tmp-*`` file, which
+    the trainer removes from its run folder at the next start). The file gets the mode a plain
+    ``open`` would give it (the user's umask), not the temporary file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -110,6 +113,19 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never a part."""
+    with _replacing(path, ".txt", "w") as f:
+        f.write(text)
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated checkpoint behind."""
+    with _replacing(path, ".pth", "wb") as f:
+        torch.save(obj, f)
 
 
 def load_error(error):

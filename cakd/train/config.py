@@ -146,7 +146,12 @@ def get_args_parser(add_help=True):
     g.add_argument("--num-classes", default=None, type=int, help="classes of --dataset synthetic (default 1000)")
     g.add_argument("-b", "--batch-size", default=32, type=int, help="images per gpu, the total batch size is $NGPU x batch_size")
     g.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="number of data loading workers per process")
-    g.add_argument("--cache-dataset", action="store_true", help="cache the datasets (and their transforms) for quicker start")
+    g.add_argument(
+        "--cache-dataset",
+        action="store_true",
+        help="imagefolder: keep the file lists of train/ and val/ in OUTPUT_DIR/dataset_cache.json (plain JSON) for a quicker "
+        "start, listed again when a class folder changes",
+    )
     g.add_argument("--interpolation", default="bilinear", type=str, help="the interpolation method")
     g.add_argument("--val-resize-size", default=256, type=int, help="the resize size used for validation")
     g.add_argument("--val-crop-size", default=224, type=int, help="the central crop size used for validation")
