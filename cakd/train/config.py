@@ -22,7 +22,7 @@ from .optim import SCHEDULERS
 
 # what a run is asked to do, not how it trains: kept out of config.yaml and the checkpoint's args,
 # so that rerunning with --config runs/x/config.yaml neither resumes nor only tests by accident
-NOT_SAVED = ("config", "distributed", "rank", "gpu", "resume", "start_epoch", "test_only")
+NOT_SAVED = ("config", "distributed", "rank", "gpu", "resume", "start_epoch", "test_only", "start_over")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -202,6 +202,18 @@ def get_args_parser(add_help=True):
     g.add_argument("--print-freq", default=10, type=int, help="print frequency (iterations)")
     g.add_argument("--output-dir", default=".", type=str, help="path to save outputs")
     g.add_argument("--resume", default="", type=str, help="path of checkpoint")
+    g.add_argument(
+        "--start-over",
+        action="store_true",
+        help="start afresh in an --output-dir that holds a run: its files move into OUTPUT_DIR/previous-<time>/",
+    )
+    g.add_argument(
+        "--max-loss-growth",
+        default=1000.0,
+        type=float,
+        help="refuse to save a checkpoint when the training loss at the end of an epoch is this many times its first "
+        "value of the epoch (0: no check)",
+    )
     g.add_argument("--checkpoint-freq", default=10, type=int, help="also keep model_{epoch}.pth every this many epochs")
     g.add_argument("--start-epoch", default=0, type=int, metavar="N", help="start epoch")
     g.add_argument("--test-only", action="store_true", help="only evaluate the student (and its EMA)")

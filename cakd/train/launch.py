@@ -23,8 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from .signals import STOP_ENV
 
-# what torchrun still handles itself (it kills its workers on these); SIGTERM is the launcher's
-TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# what torchrun still handles itself (it kills its workers on these); SIGTERM and SIGINT are the launcher's
+TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 
 
 def children(pid):
@@ -77,6 +77,23 @@ def on_sigterm(signum, frame):
         threading.Thread(target=forward_sigterm, name="sigterm", daemon=True).start()
 
 
+INTERRUPTS = []  # the Ctrl-Cs this launcher got
+
+
+def on_sigint(signum, frame):
+    """Ctrl-C: the first saves as SIGTERM does; the second is passed on to the ranks, which stop
+    at once (from a terminal they get it themselves too: a third press changes nothing)."""
+    INTERRUPTS.append(signum)
+    if len(INTERRUPTS) == 1:
+        on_sigterm(signum, frame)
+    elif len(INTERRUPTS) == 2:
+        for child in children(os.getpid()):
+            try:
+                os.kill(child, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+
 def exit_code(error):
     """The status to exit with: a rank that exited with one (it said why) before a rank killed
     by a signal, and SIGTERM last (torchrun sends it to the others after the first failure)."""
@@ -100,6 +117,7 @@ def main(argv=None):
     if torchrun_lets_go_of_sigterm():
         argv = ["--signals-to-handle", TORCHRUN_SIGNALS, *argv]
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigint)
     else:
         print(
             "warning: this torch's torchrun has no --signals-to-handle: on SIGTERM it signals the ranks itself and "
@@ -111,7 +129,7 @@ def main(argv=None):
         torchrun.main(argv)
     except ChildFailedError as error:
         return exit_code(error)
-    except SignalException as error:  # SIGINT, SIGHUP, SIGQUIT: torchrun has stopped the ranks
+    except SignalException as error:  # SIGHUP, SIGQUIT (and SIGINT on an older torch): torchrun has stopped the ranks
         return 128 + int(error.sigval)
     return 0
 
