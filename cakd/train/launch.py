@@ -56,15 +56,16 @@ def catches_sigterm(pid):
     return not os.path.isdir("/proc")  # elsewhere: no way to tell, pass it on at once
 
 
-def forward_sigterm():
-    """Pass SIGTERM on to each rank once it can take it: a rank still importing would die of it
-    (and torchrun restart it). Ranks started from now on (a restart) see ``STOP_ENV``."""
+def forward(signum):
+    """Pass ``signum`` (SIGTERM, or a first Ctrl-C's SIGINT) on to each rank once it can take it:
+    a rank still importing would die of it (and torchrun restart it). Ranks started from now on
+    (a restart) see ``STOP_ENV``."""
     done = set()
     while True:
         for child in children(os.getpid()):
-            if child not in done and catches_sigterm(child):
+            if child not in done and catches_sigterm(child):  # its SIGINT handler is set with it
                 try:
-                    os.kill(child, signal.SIGTERM)
+                    os.kill(child, signum)
                 except ProcessLookupError:
                     pass
                 done.add(child)
@@ -74,15 +75,16 @@ def forward_sigterm():
 def on_sigterm(signum, frame):
     if os.environ.get(STOP_ENV) != "1":
         os.environ[STOP_ENV] = "1"
-        threading.Thread(target=forward_sigterm, name="sigterm", daemon=True).start()
+        threading.Thread(target=forward, args=(signum,), name="stop", daemon=True).start()
 
 
 INTERRUPTS = []  # the Ctrl-Cs this launcher got
 
 
 def on_sigint(signum, frame):
-    """Ctrl-C: the first saves as SIGTERM does; the second is passed on to the ranks, which stop
-    at once (from a terminal they get it themselves too: a third press changes nothing)."""
+    """Ctrl-C reaches the launcher alone (torchrun starts each rank in a session of its own): the
+    first is passed on as SIGTERM is, and each rank saves; the second is passed on at once, and
+    each rank stops."""
     INTERRUPTS.append(signum)
     if len(INTERRUPTS) == 1:
         on_sigterm(signum, frame)
