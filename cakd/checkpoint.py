@@ -1,6 +1,8 @@
 """Weights in and out: import of the released code's checkpoint layout, export of a plain
 torchvision student, and atomic saving."""
+import contextlib
 import os
+import pickle
 import re
 import tempfile
 import textwrap
@@ -89,19 +91,21 @@ def export_student(model):
     return {key: value.detach().clone() for key, value in student.state_dict().items()}
 
 
-def save_atomic(obj, path):
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint behind. The file gets the mode a plain ``open`` would
-    give it (the user's umask), not the temporary file's private 0600."""
+@contextlib.contextmanager
+def _replacing(path, suffix, mode):
+    """A file object on a temporary file in ``path``'s folder that replaces ``path`` once written
+    whole and synced; removed if anything fails before (a crash leaves a ``.tmp-*`` file, which
+    the trainer removes from its run folder at the next start). The file gets the mode a plain
+    ``open`` would give it (the user's umask), not the temporary file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -109,3 +113,31 @@ def save_atomic(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never a part."""
+    with _replacing(path, ".txt", "w") as f:
+        f.write(text)
+
+
+def save_atomic(obj, path):
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated checkpoint behind."""
+    with _replacing(path, ".pth", "wb") as f:
+        torch.save(obj, f)
+
+
+def load_error(error):
+    """Why ``torch.load(..., weights_only=True)`` failed, in one line.
+
+    For a file holding objects other than tensors torch's message advises ``weights_only=False``,
+    which would run whatever code the file carries: that advice is left out, the object it
+    refused is kept."""
+    if isinstance(error, pickle.UnpicklingError):
+        noise = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.strip().startswith(noise)]
+        detail = " ".join(lines).replace("WeightsUnpickler error:", "").strip() or "an object that is not a tensor"
+        return f"it holds objects other than tensors, not loaded since that could run code: {detail}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"  # whole: a cut word misleads

@@ -20,6 +20,8 @@ from torchvision.models import SwinTransformer, VisionTransformer
 from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from .checkpoint import load_error
+
 # the normalization of torchvision's ImageNet weights, teachers and students alike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,7 +222,10 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
             if name in CONVERTED:
                 hint = f": make it with python scripts/convert_weights.py --arch {name} --input OFFICIAL.pth --output {weights}"
             raise FileNotFoundError(f"{role} weights file {weights} does not exist{hint}")
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:  # a broken file, or a pickle of other objects
+            raise ValueError(f"{role} weights file {weights} cannot be read ({load_error(error)}): pass a state dict .pth") from None
         for key in ("model", "state_dict"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 
-from cakd.checkpoint import load_strict, save_atomic  # noqa: E402
+from cakd.checkpoint import load_error, load_strict, save_atomic  # noqa: E402
 from cakd.models import deit_b, swin_l  # noqa: E402
 from cakd.train.config import HelpFormatter  # noqa: E402
 from cakd.train.tools import UserError, check_output, run_and_report  # noqa: E402
@@ -244,8 +244,7 @@ def read_state_dict(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and weights_only errors all mean "not a checkpoint we can read"
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({reason}): pass the released .pth file") from None
+        raise UserError(f"cannot read {path} as a PyTorch checkpoint ({load_error(error)}): pass the released .pth file") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

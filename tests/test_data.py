@@ -1,6 +1,7 @@
 """Data pipeline: presets, samplers, MixUp/CutMix collate, dataset building and its errors."""
 import argparse
 import collections
+import json
 import os
 import pickle
 
@@ -40,6 +41,7 @@ def make_args(**overrides):
         augmix_severity=3,
         random_erase=0.0,
         cache_dataset=False,
+        output_dir=None,
         synthetic_size=64,
         num_classes=None,
         ra_sampler=False,
@@ -329,18 +331,91 @@ def test_image_folder_end_to_end_with_ra_sampler_and_mixup(tmp_path):
     assert images.shape == (4, 3, 64, 64) and labels.tolist() == [0, 0, 1, 1]
 
 
-def test_cache_dataset_reuses_the_file_list_with_new_transforms(tmp_path, monkeypatch):
+def test_cache_dataset_reuses_the_file_list_with_new_transforms(tmp_path):
+    root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
+    out = tmp_path / "run"
+    out.mkdir()
+    build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
+    cache = json.loads((out / "dataset_cache.json").read_text())  # plain JSON in the run folder
+    assert sorted(cache) == [os.path.join(root, "train"), os.path.join(root, "val")]
+    assert cache[os.path.join(root, "train")]["classes"] == ["class_0", "class_1"]
+    rewritten = dict(cache)  # the listing comes from the cache while the fingerprint holds
+    rewritten[os.path.join(root, "train")]["samples"] = rewritten[os.path.join(root, "train")]["samples"][:3]
+    (out / "dataset_cache.json").write_text(json.dumps(rewritten))
+    train, val, num_classes = build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out), train_crop_size=32))
+    assert (len(train), len(val), num_classes) == (3, 2, 2)
+    assert train[0][0].shape == (3, 32, 32)  # but the transform is today's
+
+
+def test_cache_dataset_is_rebuilt_when_the_folder_changes(tmp_path):
+    """A class added to train/ and val/, or an image added to a class: the fingerprint differs,
+    the folder is listed again (the old cache, keyed by the path only, trained 2 classes here)."""
+    root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
+    args = make_args(data_path=root, cache_dataset=True, output_dir=str(tmp_path))
+    assert build_datasets(args)[2] == 2
+    for split, count in (("train", 2), ("val", 1)):
+        os.makedirs(os.path.join(root, split, "class_2"))
+        for i in range(count):
+            noise_image(40, 40).save(os.path.join(root, split, "class_2", f"img_{i}.JPEG"))
+    train, val, num_classes = build_datasets(args)
+    assert (len(train), len(val), num_classes) == (6, 3, 3)
+    extra = os.path.join(root, "train", "class_0", "img_9.JPEG")
+    noise_image(40, 40).save(extra)
+    train = build_datasets(args)[0]
+    assert len(train) == 7 and (extra, 0) in train.samples
+
+
+def test_cache_dataset_never_unpickles(tmp_path, monkeypatch):
+    """A crafted pickle where the old cache lived (~/.torch/vision/datasets/imagefolder/), and one
+    in the run folder's cache file: neither runs, the folder is listed as it is."""
+    import hashlib
+
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
-    build_datasets(make_args(data_path=root, cache_dataset=True))
-    cached = list((tmp_path / "home" / ".torch" / "vision" / "datasets" / "imagefolder").glob("*.pt"))
-    assert len(cached) == 2
-    extra = os.path.join(root, "train", "class_0", "img_9.JPEG")
-    noise_image(40, 40).save(extra)  # a cache is keyed by the path only: this file is not seen
-    train, val, num_classes = build_datasets(make_args(data_path=root, cache_dataset=True, train_crop_size=32))
-    assert (len(train), len(val), num_classes) == (4, 2, 2) and extra not in [p for p, _ in train.samples]
-    assert train[0][0].shape == (3, 32, 32)  # but the transform is today's
-    assert len(build_datasets(make_args(data_path=root))[0]) == 5
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    old = tmp_path / "home" / ".torch" / "vision" / "datasets" / "imagefolder"
+    old.mkdir(parents=True)
+    for split in ("train", "val"):
+        digest = hashlib.sha1(os.path.join(root, split).encode()).hexdigest()[:10]
+        torch.save(Payload(), old / f"{digest}.pt")
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(Payload(), out / "dataset_cache.json")
+    train, val, num_classes = build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
+    assert not marker.exists() and (len(train), len(val), num_classes) == (4, 2, 2)
+    assert json.loads((out / "dataset_cache.json").read_text())  # replaced by a listing
+
+
+def test_links_to_files_are_followed_links_to_folders_refused(tmp_path):
+    """class_0/self -> . gave class_0 41 copies of its images, class_0/to1 -> ../class_1 gave it
+    class_1's: each is now one line. A link to an image is an image; a class folder that is a link
+    is followed, but never to a folder listed already."""
+    root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
+    train_dir = os.path.join(root, "train")
+    outside = tmp_path / "outside.JPEG"
+    noise_image(40, 40).save(outside)
+    os.symlink(outside, os.path.join(train_dir, "class_0", "linked.JPEG"))
+    train = build_datasets(make_args(data_path=root))[0]
+    assert len(train) == 5 and (os.path.join(train_dir, "class_0", "linked.JPEG"), 0) in train.samples
+
+    loop = os.path.join(train_dir, "class_0", "self")
+    os.symlink(".", loop)
+    with pytest.raises(DataError, match=rf"^{loop} is a link to the folder {train_dir}/class_0: links to folders are not followed"):
+        build_datasets(make_args(data_path=root))
+    os.remove(loop)
+    os.symlink("../class_1", loop)
+    with pytest.raises(DataError, match=rf"^{loop} is a link to the folder {train_dir}/class_1"):
+        build_datasets(make_args(data_path=root))
+    os.remove(loop)
+    for split in ("train", "val"):  # class_2 -> class_0: the same images under two labels
+        os.symlink("class_0", os.path.join(root, split, "class_2"))
+    with pytest.raises(DataError, match=rf"^{train_dir}/class_2 is {train_dir}/class_0, a folder already listed"):
+        build_datasets(make_args(data_path=root))
 
 
 def test_shard_sampler_counts_every_validation_image_once():

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -144,6 +145,30 @@ def test_sigterm_at_the_launcher_then_at_every_process_saves_and_resumes_exactly
     final = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
     assert final["epoch"] == 1 and final["step"] is None
     assert_same_state(uninterrupted, final, skip={".args.output_dir"})
+
+
+def test_ctrl_c_at_the_launcher_saves_a_second_stops_and_the_resume_is_exact(data, uninterrupted, tmp_path):
+    """Ctrl-C reaches the launcher alone (torchrun gives each rank a session of its own): the first
+    is passed on and the ranks save; two stop the ranks at once with one line and status 130; the
+    run then resumed to its end equals the uninterrupted one in every entry."""
+    out = str(tmp_path / "run")
+    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [0] [2/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
+    assert code == 0 and stderr == "", stderr[-3000:]
+    step = step_of(out)
+    assert 2 < step < 6 and f"SIGINT: saved epoch 0 step {step}" in stdout
+
+    def twice(proc):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)  # a person's second press, not one signal merged with the first
+        os.killpg(proc.pid, signal.SIGINT)
+
+    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [1] [2/", twice, tmp_path)
+    assert code == 130 and stderr.splitlines() == [
+        "error: stopped at once by a second Ctrl-C: the run folder keeps its last checkpoint (--resume auto goes on from it)"
+    ], stderr[-3000:]
+    code, stdout, stderr = run(launch(flags(data, out)), tmp_path=tmp_path)
+    assert code == 0 and "resumed from" in stdout, stderr[-3000:]
+    assert_same_state(uninterrupted, torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True), skip={".args.output_dir"})
 
 
 def test_killed_rank_restarts_from_the_last_checkpoint(data, uninterrupted, tmp_path):

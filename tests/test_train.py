@@ -150,15 +150,22 @@ def test_resume_with_other_distiller_flags_is_one_clear_error(tmp_path, capsys, 
     assert run_main(small_flags("cakd", data_dir, out, epochs=1), capsys)[0] == 0
     flags = small_flags("cakd", data_dir, out, epochs=2) + ["--resume", os.path.join(out, "checkpoint.pth"), "--use-token", "false"]
     code, err = run_main(flags, capsys)
-    assert code == 1 and len(err) == 1 and "does not fit this run" in err[0] and "config.yaml" in err[0]
+    assert code == 1 and err == [
+        f"error: {out}/checkpoint.pth was trained with --use-token True, not False: a resume goes on with the flags of the "
+        "run it resumes; resume with --use-token True (the run's config.yaml holds them all), or start a new run in another "
+        "--output-dir"
+    ]
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, data_dir):
     out = str(tmp_path / "out")
     assert run_main(small_flags("cakd", data_dir, out, epochs=1), capsys)[0] == 0
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
-    # an infinite loss weight makes the very next loss non-finite
-    flags = small_flags("cakd", data_dir, out, epochs=3) + ["--resume", os.path.join(out, "checkpoint.pth"), "--feature-weight", "inf"]
+    # an infinite weight in a copy of the checkpoint makes the very next loss non-finite
+    poisoned = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
+    poisoned["model"]["conv1.weight"].fill_(float("inf"))
+    torch.save(poisoned, str(tmp_path / "poisoned.pth"))
+    flags = small_flags("cakd", data_dir, out, epochs=3) + ["--resume", str(tmp_path / "poisoned.pth")]
     code, err = run_main(flags, capsys)
     assert code == 1 and len(err) == 1 and "non-finite loss in epoch 1" in err[0]
     assert f"{out}/checkpoint.pth, from before this run, is kept" in err[0]

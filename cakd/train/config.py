@@ -24,7 +24,7 @@ from .optim import SCHEDULERS
 
 # what a run is asked to do, not how it trains: kept out of config.yaml and the checkpoint's args,
 # so that rerunning with --config runs/x/config.yaml neither resumes nor only tests by accident
-NOT_SAVED = ("config", "distributed", "rank", "gpu", "resume", "start_epoch", "test_only")
+NOT_SAVED = ("config", "distributed", "rank", "gpu", "resume", "start_epoch", "test_only", "start_over")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -177,7 +177,13 @@ def get_args_parser(add_help=True):
     g.add_argument("--num-classes", default=None, type=optional(int), help="classes of --dataset synthetic (default 1000)")
     g.add_argument("-b", "--batch-size", default=32, type=int, help="images per gpu, the total batch size is $NGPU x batch_size")
     g.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="number of data loading workers per process")
-    g.add_argument("--cache-dataset", default=False, action=Switch, help="cache the datasets (and their transforms) for quicker start")
+    g.add_argument(
+        "--cache-dataset",
+        default=False,
+        action=Switch,
+        help="imagefolder: keep the file lists of train/ and val/ in OUTPUT_DIR/dataset_cache.json (plain JSON) for a quicker "
+        "start, listed again when a class folder changes",
+    )
     g.add_argument("--interpolation", default="bilinear", type=str, help="the interpolation method")
     g.add_argument("--val-resize-size", default=256, type=int, help="the resize size used for validation")
     g.add_argument("--val-crop-size", default=224, type=int, help="the central crop size used for validation")
@@ -227,6 +233,19 @@ def get_args_parser(add_help=True):
     g.add_argument("--seed", default=0, type=int, help="seed of weights, sampler and augmentation")
     g.add_argument("--print-freq", default=10, type=int, help="print frequency (iterations)")
     g.add_argument("--output-dir", default=".", type=str, help="path to save outputs")
+    g.add_argument(
+        "--start-over",
+        default=False,
+        action=Switch,
+        help="start afresh in an --output-dir that holds a run: its files move into OUTPUT_DIR/previous-<time>/",
+    )
+    g.add_argument(
+        "--max-loss-growth",
+        default=1000.0,
+        type=float,
+        help="refuse to save a checkpoint when the training loss at the end of an epoch is this many times its first "
+        "value of the epoch (0: no check)",
+    )
     g.add_argument(
         "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"
     )

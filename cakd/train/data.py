@@ -3,7 +3,7 @@
 
 Nothing here prints; the caller logs.
 """
-import hashlib
+import json
 import math
 import os
 
@@ -16,7 +16,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from ..checkpoint import save_atomic
+from ..checkpoint import write_text_atomic
 from ..models import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler
 from .signals import worker_init
@@ -157,24 +157,76 @@ def check_images(dataset):
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder whose unreadable images raise :class:`DataError` with the path."""
+    """torchvision's ImageFolder whose unreadable images raise :class:`DataError` with the path,
+    listed by :func:`list_images` (links to folders refused), or taken from ``listing``
+    (``(classes, samples)``, e.g. the dataset cache) without reading the folder."""
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, listing=None):
+        self.listing = listing
         super().__init__(root, transform=transform, loader=load_image)
+
+    def find_classes(self, directory):
+        if self.listing is None:
+            return super().find_classes(directory)
+        classes = list(self.listing[0])
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        if self.listing is None:
+            return list_images(directory, class_to_idx)
+        return [(os.path.join(directory, path), label) for path, label in self.listing[1]]
 
 
 def _class_folders(split_dir):
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
 
 
-def _empty_class_folders(split_dir, classes):
-    def has_image(folder):
-        for _, _, files in os.walk(folder, followlinks=True):
-            if any(name.lower().endswith(IMG_EXTENSIONS) for name in files):
-                return True
-        return False
+def _folder_tree(class_dir, seen):
+    """``(folder, file names)`` of a class folder and its subfolders, each folder once.
 
-    return [name for name in classes if not has_image(os.path.join(split_dir, name))]
+    A link to a file is listed as a file. A link to a folder is refused: it leads back into the
+    tree (a loop, walked again and again) or to another folder whose images would take this
+    class's label. ``seen``: the real paths walked so far, so no folder is walked twice."""
+    tree, stack = [], [class_dir]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{folder} is {real}, a folder already listed (a link leads back into the data): remove the link")
+        seen.add(real)
+        files = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir() and entry.is_symlink():
+                    raise DataError(
+                        f"{entry.path} is a link to the folder {os.path.realpath(entry.path)}: links to folders are not "
+                        "followed inside a class folder (a loop, or images of another class); link the image files instead"
+                    )
+                (stack.append(entry.path) if entry.is_dir() else files.append(entry.name))
+        tree.append((folder, files))
+    return tree
+
+
+def list_images(split_dir, class_to_idx):
+    """``(path, class index)`` of every image under ``split_dir/<class>/``, in torchvision's order
+    (class, then folder path, then file name); a class folder without images is one DataError."""
+    samples, empty, seen = [], [], set()
+    for name in sorted(class_to_idx):
+        found = [
+            (os.path.join(folder, file), class_to_idx[name])
+            for folder, files in sorted(_folder_tree(os.path.join(split_dir, name), seen))
+            for file in sorted(files)
+            if file.lower().endswith(IMG_EXTENSIONS)
+        ]
+        samples += found
+        if not found:
+            empty.append(name)
+    if empty:
+        raise DataError(
+            f"{split_dir} has class folders with no images ({_few(empty)}): "
+            f"put images ({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the empty ones"
+        )
+    return samples
 
 
 def check_data_path(data_path, what_to_pass):
@@ -217,35 +269,49 @@ def _few(names, limit=5):
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _cache_path(folder):
-    digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()
-    return os.path.join(os.path.expanduser("~"), ".torch", "vision", "datasets", "imagefolder", digest[:10] + ".pt")
+CACHE_FILE = "dataset_cache.json"
 
 
-def _image_folder(split_dir, transform, cache):
-    """Build (or load from the reference's cache) an ImageFolder over ``split_dir``."""
-    path = _cache_path(split_dir)
-    if cache and os.path.exists(path):
-        try:
-            dataset = torch.load(path, weights_only=False)
-        except Exception:  # written by an older version, or cut short: rebuild it
-            dataset = None
-        if isinstance(dataset, ImageFolder):
-            # The cache is keyed by the folder only: keep its file list but use today's transform.
-            dataset.transform = transform
-            return dataset
+def _fingerprint(split_dir):
+    """What a cached listing was made from: the split folder's and each class folder's name,
+    size and modification time (adding, removing or renaming a file changes its folder's)."""
+    def stamp(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns]
+
+    return [stamp(split_dir)] + [[name, *stamp(os.path.join(split_dir, name))] for name in _class_folders(split_dir)]
+
+
+def _read_cache(path):
+    """The cache's entries (plain JSON: nothing in it can run), or {} when it is missing or unreadable."""
     try:
-        dataset = ImageFolder(split_dir, transform=transform)
-    except FileNotFoundError:
-        empty = _empty_class_folders(split_dir, _class_folders(split_dir))
-        if not empty:
-            raise
-        raise DataError(
-            f"{split_dir} has class folders with no images ({_few(empty)}): "
-            f"put images ({', '.join(IMG_EXTENSIONS)}) in every class folder or remove the empty ones"
-        ) from None
-    if cache:
-        save_atomic(dataset, path)  # several ranks may write the same cache: each replace is whole
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _image_folder(split_dir, transform, cache_dir=None):
+    """An ImageFolder over ``split_dir``; with ``cache_dir``, its listing (classes and files) is
+    read from ``cache_dir/dataset_cache.json`` while the folder's fingerprint is unchanged, else
+    listed and written there (by rank 0)."""
+    if not cache_dir:
+        return ImageFolder(split_dir, transform=transform)
+    path, key, fingerprint = os.path.join(cache_dir, CACHE_FILE), os.path.abspath(split_dir), _fingerprint(split_dir)
+    entries = _read_cache(path)
+    entry = entries.get(key)
+    if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
+        try:
+            classes, samples = [str(c) for c in entry["classes"]], [(str(p), int(label)) for p, label in entry["samples"]]
+            return ImageFolder(split_dir, transform=transform, listing=(classes, samples))
+        except (KeyError, TypeError, ValueError):  # not what this function writes: list the folder again
+            pass
+    dataset = ImageFolder(split_dir, transform=transform)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        samples = [[os.path.relpath(p, split_dir), label] for p, label in dataset.samples]
+        entries[key] = {"fingerprint": fingerprint, "classes": dataset.classes, "samples": samples}
+        write_text_atomic(path, json.dumps(entries))
     return dataset
 
 
@@ -312,13 +378,9 @@ def build_datasets(args):
         return train, val, len(train.classes)
 
     train_dir, val_dir = _check_layout(args.data_path)
-    train = _image_folder(train_dir, train_transform, args.cache_dataset)
-    val = _image_folder(val_dir, val_transform, args.cache_dataset)
-    if train.classes != val.classes:  # only a stale cache can get here
-        raise DataError(
-            f"cached class lists of {train_dir} and {val_dir} differ: "
-            f"delete {_cache_path(train_dir)} and {_cache_path(val_dir)} or run without --cache-dataset"
-        )
+    cache_dir = args.output_dir if args.cache_dataset else None
+    train = _image_folder(train_dir, train_transform, cache_dir)
+    val = _image_folder(val_dir, val_transform, cache_dir)
     check_images(val)
     num_classes = len(train.classes)
     if args.num_classes is not None and args.num_classes != num_classes:

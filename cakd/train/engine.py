@@ -14,7 +14,7 @@ from torch import nn
 
 from ..corruptions import VIEW_PROTOCOLS
 from .data import ShardSampler
-from .distributed import any_rank, average_gradients
+from .distributed import all_reduce_sum, any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
 from .signals import sigterm_held
 
@@ -107,7 +107,8 @@ def train_one_epoch(run, epoch, start_step=0):
     Returns ``(next_step, averages)``: the next step to run if a stop was requested (else
     None), and the epoch's loss and accuracy averages over all ranks. Loss values are read
     back from the device only every ``print_freq`` iterations; a stop requested in the last
-    one lets the epoch end (the trainer saves it and stops there).
+    one lets the epoch end (the trainer saves it and stops there). Sets ``run.loss_growth``
+    (:func:`loss_growth`).
     """
     args, distiller, device = run.args, run.distiller, run.device
     distiller.train()
@@ -121,6 +122,7 @@ def train_one_epoch(run, epoch, start_step=0):
     if args.iters_per_epoch:
         total = min(total, args.iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    first_loss = None  # for run.loss_growth, which run.save checks
     header = f"Epoch: [{epoch}]"
     with sigterm_held():  # the workers start here
         batches = itertools.islice(run.train_loader, total - start_step)
@@ -147,6 +149,8 @@ def train_one_epoch(run, epoch, start_step=0):
                 run.ema.n_averaged.fill_(0)  # keep copying the weights during warmup
 
         detached = {name: value.detach() for name, value in losses.items()}
+        if first_loss is None:
+            first_loss = detached["total"].float()
         nonfinite |= ~torch.isfinite(detached["total"])
         logger.update(n=images.shape[0], **{f"loss_{k}" if k != "total" else "loss": v for k, v in detached.items()})
         acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
@@ -175,9 +179,20 @@ def train_one_epoch(run, epoch, start_step=0):
                 scalars["disc_lr"] = run.disc_optimizer.param_groups[0]["lr"]
             run.tensorboard.scalars(scalars, step_count, prefix="train/")
             if not last and any_rank(run.stop.requested, device):
+                run.loss_growth = loss_growth(first_loss, logger.meters["loss"], device)
                 return i + 1, {}
+    run.loss_growth = loss_growth(first_loss, logger.meters["loss"], device)
     names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
     return None, logger.global_averages(names, device)
+
+
+def loss_growth(first, meter, device):
+    """The recent training loss (the last values in ``meter``) over the epoch's first, each
+    averaged over the ranks; nan when there is none, or the first is not positive."""
+    if first is None:
+        return float("nan")
+    first, recent = all_reduce_sum(torch.stack([first.double(), torch.tensor(meter.avg, dtype=torch.float64, device=device)])).tolist()
+    return recent / first if first > 0 else float("nan")
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from .signals import STOP_ENV
 
-# what torchrun still handles itself (it kills its workers on these); SIGTERM is the launcher's
-TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# what torchrun still handles itself (it kills its workers on these); SIGTERM and SIGINT are the launcher's
+TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 
 
 def children(pid):
@@ -56,15 +56,16 @@ def catches_sigterm(pid):
     return not os.path.isdir("/proc")  # elsewhere: no way to tell, pass it on at once
 
 
-def forward_sigterm():
-    """Pass SIGTERM on to each rank once it can take it: a rank still importing would die of it
-    (and torchrun restart it). Ranks started from now on (a restart) see ``STOP_ENV``."""
+def forward(signum):
+    """Pass ``signum`` (SIGTERM, or a first Ctrl-C's SIGINT) on to each rank once it can take it:
+    a rank still importing would die of it (and torchrun restart it). Ranks started from now on
+    (a restart) see ``STOP_ENV``."""
     done = set()
     while True:
         for child in children(os.getpid()):
-            if child not in done and catches_sigterm(child):
+            if child not in done and catches_sigterm(child):  # its SIGINT handler is set with it
                 try:
-                    os.kill(child, signal.SIGTERM)
+                    os.kill(child, signum)
                 except ProcessLookupError:
                     pass
                 done.add(child)
@@ -74,7 +75,25 @@ def forward_sigterm():
 def on_sigterm(signum, frame):
     if os.environ.get(STOP_ENV) != "1":
         os.environ[STOP_ENV] = "1"
-        threading.Thread(target=forward_sigterm, name="sigterm", daemon=True).start()
+        threading.Thread(target=forward, args=(signum,), name="stop", daemon=True).start()
+
+
+INTERRUPTS = []  # the Ctrl-Cs this launcher got
+
+
+def on_sigint(signum, frame):
+    """Ctrl-C reaches the launcher alone (torchrun starts each rank in a session of its own): the
+    first is passed on as SIGTERM is, and each rank saves; the second is passed on at once, and
+    each rank stops."""
+    INTERRUPTS.append(signum)
+    if len(INTERRUPTS) == 1:
+        on_sigterm(signum, frame)
+    elif len(INTERRUPTS) == 2:
+        for child in children(os.getpid()):
+            try:
+                os.kill(child, signal.SIGINT)
+            except ProcessLookupError:
+                pass
 
 
 def exit_code(error):
@@ -116,6 +135,7 @@ def main(argv=None):
     if torchrun_lets_go_of_sigterm():
         argv = ["--signals-to-handle", TORCHRUN_SIGNALS, *argv]
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigint)
     else:
         print(
             "warning: this torch's torchrun has no --signals-to-handle: on SIGTERM it signals the ranks itself and "
@@ -127,7 +147,7 @@ def main(argv=None):
         torchrun.main(argv)
     except ChildFailedError as error:
         return exit_code(error)
-    except SignalException as error:  # SIGINT, SIGHUP, SIGQUIT: torchrun has stopped the ranks
+    except SignalException as error:  # SIGHUP, SIGQUIT (and SIGINT on an older torch): torchrun has stopped the ranks
         return 128 + int(error.sigval)
     return 0
 

@@ -3,6 +3,7 @@
 Thin: it builds a :class:`Run` from the flags, then alternates training, evaluation and
 checkpoints. Bad input ends with one line on stderr and exit status 1.
 """
+import dataclasses
 import datetime
 import json
 import os
@@ -18,7 +19,7 @@ from torch.nn import functional as F
 
 from . import distributed as dist_utils
 from ..checkpoint import StateMismatch, save_atomic
-from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller
+from ..distillers import DISTILLERS, BaselineDistiller, StudentWithProjectors, build_distiller
 from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, check_teacher_input, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
@@ -27,7 +28,8 @@ from .errors import UserError, first_to_report, one_line, print_error
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
-from .resume import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state
+from .resume import EPOCH_END_ONLY, CheckpointError, capture_rng_state, load_checkpoint, refused_change, restore_rng_state
+from .rundir import claim
 from .signals import StopRequest
 
 
@@ -40,6 +42,7 @@ class Run:
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.stop = StopRequest()
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
+        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_one_epoch)
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
         if args.recipe != "baseline" and not args.test_only:  # before data, student or teacher
@@ -202,14 +205,49 @@ class Run:
         }
 
     def save(self, epoch, step=None):
+        """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
+        rank 0 writes, every rank agrees on the outcome. ``model_{epoch}.pth`` goes first: a
+        kill between the two leaves the previous ``checkpoint.pth``, from which ``--resume auto``
+        trains this epoch again and writes both."""
         state = self.state(epoch, step)
+        where = f"epoch {epoch}" + ("" if step is None else f" step {step}")
+        problem = next((p for p in dist_utils.all_gather_object(self.diverged(state)) if p), None)
+        if problem:
+            raise TrainingError(
+                f"{problem} in {where}: not saved, {self.checkpoint_kept()}; --resume auto retries from it, or start a "
+                "new run from its weights (--weights) with a lower --lr or with --clip-grad-norm"
+                + ("" if problem.startswith("non-finite") else ", or raise --max-loss-growth if the growth is expected")
+            )
+        error = None
         if dist_utils.is_main_process() and self.args.output_dir:
-            save_atomic(state, os.path.join(self.args.output_dir, "checkpoint.pth"))
-            # only on the frequency: at the end checkpoint.pth is the last state, a second full copy
-            # of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
+            paths = [os.path.join(self.args.output_dir, "checkpoint.pth")]
+            # model_{epoch}.pth only on the frequency: at the end checkpoint.pth is the last state, and a
+            # second full copy of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
             if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
-                save_atomic(state, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+                paths.insert(0, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+            try:
+                for path in paths:
+                    save_atomic(state, path)
+            except (OSError, RuntimeError) as failure:  # no space left, no permission (torch.save: a RuntimeError)
+                error = (f"could not write {path} ({one_line(failure)}): make room or fix the permissions in "
+                         f"{self.args.output_dir}, then rerun with --resume auto; {self.checkpoint_kept()}")
+        error = dist_utils.all_gather_object(error)[0]
+        if error:
+            raise UserError(error)
         self.saved = (epoch, step)
+
+    def diverged(self, state):
+        """Why ``state`` must not replace the last checkpoint, or None: non-finite weights,
+        buffers or optimizer state (a NaN guard on the loss alone misses them), or a training
+        loss that grew ``--max-loss-growth`` times over the epoch's first value."""
+        for key in ("model", "projectors", "discriminator", "optimizer", "disc_optimizer", "model_ema"):
+            tensors = [t for t in _tensors(state[key]) if t.is_floating_point()]
+            if tensors and not all(torch.isfinite(t).all() for t in tensors):
+                return f"non-finite values in the {key} state"
+        limit = self.args.max_loss_growth
+        if limit and self.loss_growth > limit:
+            return f"the training loss grew {self.loss_growth:.3g} times over the epoch's first value (--max-loss-growth {limit:g})"
+        return None
 
     def checkpoint_kept(self):
         """Which checkpoint a run that stops now leaves behind, in words."""
@@ -346,17 +384,66 @@ def train(args):
     if args.test_only:  # nothing to save: SIGTERM just ends it (a handler, so the launcher passes it on)
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     else:
-        stop.install()  # first: from now on a SIGTERM saves
+        stop.install()  # first: from now on a SIGTERM or a first Ctrl-C saves
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
     dist_utils.init_distributed_mode(args)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts:
         print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if dist_utils.is_main_process():
-            save_config(args, os.path.join(args.output_dir, "config.yaml"))
+    folder_lock = claim_output_dir(args) if args.output_dir and not args.test_only else None
+    try:
+        return _train(args, stop)
+    finally:
+        if folder_lock is not None:
+            os.close(folder_lock)
+
+
+def claim_output_dir(args):
+    """Rank 0 claims the run folder (:func:`rundir.claim`): returns its lock's descriptor (None on
+    the other ranks). Every rank raises the same refusal."""
+    fd = aside = error = None
+    if dist_utils.is_main_process():
+        try:
+            fd, aside = claim(args)
+        except UserError as refusal:
+            error = str(refusal)
+        except OSError as failure:
+            error = f"cannot use --output-dir {args.output_dir} ({one_line(failure)}): pick a folder this user can write"
+    error = dist_utils.all_gather_object(error)[0]
+    if error:
+        raise UserError(error)
+    if aside:
+        print_main(f"--start-over: the previous run's files are in {aside}")
+    return fd
+
+
+def check_resume(args):
+    """Refuse, before anything is written, a resume whose flags would change the training it
+    resumes (:func:`resume.refused_change`): what a run records is what it runs."""
+    try:
+        checkpoint = load_checkpoint(args.resume, mmap=True)
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    step = checkpoint.get("step")
+    released = dataclasses.asdict(DISTILLERS[args.recipe].config_class()) if args.recipe in DISTILLERS else {}
+    change = refused_change(checkpoint["args"], args, step is not None, released)
+    if change is None:
+        return
+    name, was, now = change
+    flag = "the process count (torchrun --nproc_per_node x --nnodes)" if name == "world_size" else "--" + name.replace("_", "-")
+    if name in EPOCH_END_ONLY:
+        raise UserError(
+            f"{args.resume} was saved mid-epoch (step {step}) with {flag} {was}, not {now}: resume it with {flag} {was} "
+            "(it may change when a run resumes from an epoch's end)"
+        )
+    raise UserError(
+        f"{args.resume} was trained with {flag} {was}, not {now}: a resume goes on with the flags of the run it resumes; "
+        f"resume with {flag} {was} (the run's config.yaml holds them all), or start a new run in another --output-dir"
+    )
+
+
+def _train(args, stop):
     if args.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
@@ -364,6 +451,10 @@ def train(args):
         torch.backends.cudnn.benchmark = True
 
     args.resume = resume_path(args)
+    if args.resume and not args.test_only:
+        check_resume(args)
+    if args.output_dir and not args.test_only and dist_utils.is_main_process():  # the checks passed: what runs
+        save_config(args, os.path.join(args.output_dir, "config.yaml"))
     run = Run(args)
     run.stop = stop
     if not args.test_only:
@@ -398,7 +489,7 @@ def train(args):
         sampler.start = start_step = 0
         if next_step is not None:
             run.save(epoch, step=next_step)
-            print_main(f"SIGTERM: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
+            print_main(f"{stop.reason}: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
             run.tensorboard.close()
             return results
         run.lr_scheduler.step()
@@ -409,18 +500,30 @@ def train(args):
         run.tensorboard.scalars(results, epoch, prefix="val/")
         run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
         run.tensorboard.flush()
-        if dist_utils.is_main_process() and args.output_dir:
+        run.save(epoch)
+        if dist_utils.is_main_process() and args.output_dir:  # after its checkpoint: no line for an epoch not saved
             record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        run.save(epoch)
         if epoch + 1 < args.epochs and dist_utils.any_rank(run.stop.requested, run.device):
-            print_main(f"SIGTERM: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
+            print_main(f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
             run.tensorboard.close()
             return results
     print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     run.tensorboard.close()
     return results
+
+
+def _tensors(obj):
+    """The tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
 
 
 def resume_path(args):
@@ -457,13 +560,16 @@ def _drop_metrics_from(path, epoch):
 
 def main(argv=None):
     args = parse_args(argv)
-    sigterm = signal.getsignal(signal.SIGTERM)  # train() takes SIGTERM over; give it back after
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # train() takes them over
     try:
         train(args)
         return 0
     except (UserError, DataError, TrainingError, StateMismatch) as error:
         print_error(error, args)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves), or one where nothing is saved
+        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"), args)
+        return 130
     except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
         if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
             raise
@@ -475,7 +581,8 @@ def main(argv=None):
         raise
     finally:
         dist_utils.cleanup()
-        signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def lost_a_peer(error):
