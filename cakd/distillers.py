@@ -429,12 +429,12 @@ class CAKDDistiller(Distiller):
         if self.discriminator is not None:
             losses["adv"], losses["disc"] = self.adversarial_losses(s, t)
         with profiled("cakd.loss_terms"):
-            projector_terms = [losses[name] for name in ("kd", "pca", "gl") if name in losses]
+            distill_terms = [losses[name] for name in ("kd", "pca", "gl") if name in losses]
             adv_terms = [losses["adv"]] if "adv" in losses else []
             if c.lambda_scope == "all":
-                distill = lam * sum(projector_terms + adv_terms)
+                distill = lam * sum(distill_terms + adv_terms)
             else:
-                distill = sum(projector_terms + [lam * adv for adv in adv_terms])
+                distill = sum(distill_terms + [lam * adv for adv in adv_terms])
             losses["total"] = c.label_weight(kd) * losses["cls"] + distill if c.use_cls else distill
             if skip:
                 losses["total"] = losses["total"] + ZeroGradients.apply(*self.trainable.projector_parameters())
