@@ -9,9 +9,10 @@ are come back bit for bit; a view is clamped to the valid pixel range [0, 1] bef
 normalized again, as torchvision's transforms keep it.
 
 Each transform can also be applied on its own to a whole batch, with strengths drawn per
-image from a generator seeded by the image's index (:meth:`MultiViewGenerator.view`): the
-noisy evaluation of the paper's Figure 3 (C4, C5), reproducible and independent of batch
-size, process count and torch's global generator.
+image from a generator seeded by the image's index (:meth:`MultiViewGenerator.view`),
+reproducible and independent of batch size, process count and torch's global generator: the
+``train_views`` evaluation protocol. It is not the paper's noisy evaluation of Figure 3 (C4,
+C5), which must differ from training: that is :mod:`cakd.corruptions`.
 
 The paper names the transforms but not their strengths: the ranges below are our choice.
 """
