@@ -153,7 +153,6 @@ def relative_mse(a, target):
     return mse(a, target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-
 class StudentWithProjectors(nn.Module):
     """The trained part: student plus projectors, keyed as in the released checkpoint.
 

@@ -8,6 +8,7 @@ import torch
 
 from ..checkpoint import load_error
 
+
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable or of another kind; the message says what to do."""
 
