@@ -18,7 +18,8 @@ import yaml
 
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
-from ..models import STUDENTS, TEACHERS
+from ..models import student_names
+from ..teachers import TEACHERS
 from .errors import first_to_report
 from .optim import SCHEDULERS
 from .plugins import PluginError, load_plugins, plugins_in
@@ -154,9 +155,9 @@ def get_args_parser(add_help=True):
         "--student",
         default="resnet50",
         dest="model",
-        choices=STUDENTS,
+        choices=student_names(),
         metavar="NAME",
-        help=f"student model, a torchvision CNN (a ViT or Swin too for the baseline and logits recipes): {', '.join(STUDENTS)}",
+        help=f"student model, a torchvision CNN (a ViT or Swin too for the baseline and logits recipes): {', '.join(student_names())}",
     )
     g.add_argument("--teacher", default="vit_b_16", choices=TEACHERS, metavar="NAME", help=f"teacher model: {', '.join(TEACHERS)}")
     g.add_argument(
