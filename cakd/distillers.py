@@ -231,6 +231,7 @@ class Distiller(nn.Module):
     """Base class. Subclasses implement ``forward(images, targets, epoch) -> dict``."""
 
     config_class = BaselineConfig
+    logs_distill_weight = False  # TEMPORARY (params branch): the lead re-does it in cakd/distillers/
 
     def __init__(self, trainable, teacher=None, discriminator=None, teacher_taps=None, config=None):
         super().__init__()
@@ -366,6 +367,7 @@ class CAKDDistiller(Distiller):
     """
 
     config_class = CAKDConfig
+    logs_distill_weight = True  # TEMPORARY (params branch): the lead re-does it in cakd/distillers/
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
