@@ -136,18 +136,8 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         step_count = epoch * total + i  # global iteration: the same after a resume
-        losses = training_step(
-            distiller,
-            images,
-            targets,
-            epoch,
-            optimizer,
-            disc_optimizer,
-            scaler,
-            amp_dtype=amp_dtype,
-            clip_grad_norm=clip_grad_norm,
-            global_step=step_count,
-        )
+        losses = training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype,
+                               clip_grad_norm=clip_grad_norm, global_step=step_count)
         if ema is not None and i % ema_steps == 0:
             ema.update_parameters(distiller.student)
             if epoch < ema_warmup_epochs:
