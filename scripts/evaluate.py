@@ -89,7 +89,6 @@ def get_args_parser():
         "train_views: the multi-view generator's own training transforms, not the paper's protocol (default: %(default)s)",
     )
     p.add_argument("--views-seed", default=0, type=int, help="seed of the views (default: 0, as the trainer's --eval-views)")
-    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation, as torchrun sets it (default: %(default)s)")
     return p
 
 
@@ -114,8 +113,8 @@ def run(args):
         raise UserError("--device cuda but no CUDA device is visible: pass --device cpu")
     if args.checkpoint is None and args.which != "teacher":
         raise UserError(f"--which {args.which} needs --checkpoint")
-    dist_utils.init_distributed_mode(args)
-    device = torch.device(args.device)
+    processes = dist_utils.init_distributed_mode(args.device)
+    device = processes.device
     checkpoint = SourceCheckpoint(args.checkpoint) if args.checkpoint else None
 
     crop, resize = pick(checkpoint, "val_crop_size", args.val_crop_size), pick(checkpoint, "val_resize_size", args.val_resize_size)
@@ -130,12 +129,12 @@ def run(args):
 
     model, what = build_model(args, checkpoint, dataset, crop)
     model.to(device, memory_format=memory_format)
-    sampler = ShardSampler(dataset) if args.distributed else SequentialSampler(dataset)
+    sampler = ShardSampler(dataset) if processes.distributed else SequentialSampler(dataset)
     batch_size = pick(checkpoint, "batch_size", args.batch_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
-    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {sizes}, {args.world_size} process(es))")
+    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {sizes}, {processes.world_size} process(es))")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     options = dict(amp_dtype=amp_dtype, memory_format=memory_format, print_freq=max(args.print_freq, 1) * 10)

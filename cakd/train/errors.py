@@ -47,7 +47,7 @@ def first_to_report():
         return True
 
 
-def print_error(error, args=None):
+def print_error(error):
     """``error: <one line>`` on stderr, by the first process of the run to fail."""
     if first_to_report():
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)

@@ -260,5 +260,5 @@ def run_and_report(body, args):
         body(args)
         return 0
     except (UserError, DataError, CheckpointError, StateMismatch) as error:
-        print_error(error, args)
+        print_error(error)
         return 1

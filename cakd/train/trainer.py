@@ -40,9 +40,8 @@ class Run:
         self.args = args
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.stop = StopRequest()
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
-        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_one_epoch)
+        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_epoch)
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
         method = distiller_class(args.recipe)
@@ -56,10 +55,10 @@ class Run:
                 method.check_pair(args.model, args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(str(error)) from None
-        train_set, val_set, num_classes = build_datasets(args)
+        train_set, val_set, num_classes = build_datasets(**dataset_options(args))
         self.num_classes = num_classes
-        self.train_loader, self.val_loader, self.train_sampler = build_loaders(
-            train_set, val_set, num_classes, args, args.distributed
+        self.train_loader, self.val_loader, _ = build_loaders(
+            train_set, val_set, num_classes, distributed=args.distributed, **loader_options(args)
         )
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -321,7 +320,23 @@ class Run:
             line += "\n  " + schedule
         return line
 
-    # ---- evaluation ----------------------------------------------------------------
+    # ---- training and evaluation -----------------------------------------------------
+    def train_epoch(self, epoch, start_step, stop):
+        """Epoch ``epoch`` from ``start_step`` (:func:`engine.train_one_epoch`) until its end or
+        ``stop``; returns ``(next step or None, averages)`` and keeps the loss growth :meth:`diverged` checks."""
+        a, sampler = self.args, self.train_loader.sampler  # seeds.SeededSampler
+        sampler.set_epoch(epoch)
+        sampler.start = start_step * a.batch_size  # a mid-epoch resume: what was trained is left out
+        next_step, averages, self.loss_growth = train_one_epoch(
+            self.distiller, self.train_loader, self.optimizer, epoch, self.device, start_step=start_step,
+            disc_optimizer=self.disc_optimizer, scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=a.clip_grad_norm,
+            memory_format=self.memory_format, ema=self.ema, ema_steps=a.model_ema_steps, ema_warmup_epochs=a.lr_warmup_epochs,
+            iters_per_epoch=a.iters_per_epoch, print_freq=a.print_freq, tensorboard=self.tensorboard, stop=stop,
+            checkpoint_kept=self.checkpoint_kept,
+        )
+        sampler.start = 0
+        return next_step, averages
+
     def evaluate(self):
         """Top-1/top-5 of the student (and its EMA) on the validation set, each with rank 0's
         BatchNorm statistics (:meth:`log_attention_maps` draws the maps afterwards)."""
@@ -343,6 +358,39 @@ class Run:
                 self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
             )
         return results
+
+
+def dataset_options(args):
+    """The data flags, as :func:`build_datasets` takes them."""
+    return dict(
+        dataset=args.dataset,
+        data_path=args.data_path,
+        train_crop_size=args.train_crop_size,
+        val_crop_size=args.val_crop_size,
+        val_resize_size=args.val_resize_size,
+        interpolation=args.interpolation,
+        auto_augment=args.auto_augment,
+        ra_magnitude=args.ra_magnitude,
+        augmix_severity=args.augmix_severity,
+        random_erase=args.random_erase,
+        num_classes=args.num_classes,
+        synthetic_size=args.synthetic_size,
+        download=args.download,
+        cache_dir=args.output_dir if args.cache_dataset else None,
+    )
+
+
+def loader_options(args):
+    """The loader flags, as :func:`build_loaders` takes them (``distributed`` aside: torchrun's, not a flag)."""
+    return dict(
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=args.seed,
+        ra_sampler=args.ra_sampler,
+        ra_reps=args.ra_reps,
+        mixup_alpha=args.mixup_alpha,
+        cutmix_alpha=args.cutmix_alpha,
+    )
 
 
 def schedule_options(args):
@@ -372,7 +420,9 @@ def train(args):
         stop.install()  # first: from now on a SIGTERM or a first Ctrl-C saves
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
-    dist_utils.init_distributed_mode(args)
+    found = dist_utils.init_distributed_mode(args.device, args.dist_url)
+    # onto the namespace, which Run reads: config.yaml and the checkpoint keep world_size and device (a resume checks the first)
+    args.distributed, args.rank, args.world_size, args.device = found.distributed, found.rank, found.world_size, str(found.device)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts:
         print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
@@ -441,7 +491,6 @@ def _train(args, stop):
     if args.output_dir and not args.test_only and dist_utils.is_main_process():  # the checks passed: what runs
         save_config(args, os.path.join(args.output_dir, "config.yaml"))
     run = Run(args)
-    run.stop = stop
     if not args.test_only:
         print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
@@ -466,12 +515,9 @@ def _train(args, stop):
     print_main("Start training")
     start_time = time.time()
     results = {}
-    sampler = run.train_loader.sampler  # seeds.SeededSampler
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        sampler.start = start_step * args.batch_size  # a mid-epoch resume: what was trained is left out
-        next_step, train_stats = train_one_epoch(run, epoch, start_step)
-        sampler.start = start_step = 0
+        next_step, train_stats = run.train_epoch(epoch, start_step, stop)
+        start_step = 0
         if next_step is not None:
             run.save(epoch, step=next_step)
             print_main(f"{stop.reason}: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
@@ -490,7 +536,7 @@ def _train(args, stop):
             record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if epoch + 1 < args.epochs and dist_utils.any_rank(run.stop.requested, run.device):
+        if epoch + 1 < args.epochs and dist_utils.any_rank(stop.requested, run.device):
             print_main(f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
             run.tensorboard.close()
             return results
@@ -550,10 +596,10 @@ def main(argv=None):
         train(args)
         return 0
     except (UserError, DataError, TrainingError, StateMismatch) as error:
-        print_error(error, args)
+        print_error(error)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C (the first saves), or one where nothing is saved
-        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"), args)
+        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"))
         return 130
     except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
         if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
