@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from ..checkpoint import write_text_atomic
+from ..errors import CakdError
 from ..models import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler
 from .signals import worker_init
@@ -24,7 +25,7 @@ from .signals import worker_init
 _LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
 
 
-class DataError(Exception):
+class DataError(CakdError):
     """A problem with the data on disk, told in one line: what is wrong and what to do.
 
     A DataLoader worker's error comes back to the main process as

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from ..corruptions import VIEW_PROTOCOLS
+from ..errors import CakdError
 from .data import ShardSampler
 from .distributed import all_reduce_sum, any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
 from .signals import sigterm_held
 
 
-class TrainingError(Exception):
+class TrainingError(CakdError):
     """A run that cannot go on (a non-finite loss); the message says what to do."""
 
 

@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -18,17 +17,19 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import StateMismatch, save_atomic
+from ..checkpoint import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
-from ..models import build_student, build_teacher, check_teacher_input, no_weights
+from ..models import build_student, no_weights
+from ..teachers import build_teacher, check_teacher_input
 from .config import distiller_overrides, parse_args, save_config, saved_args
-from .data import DataError, build_datasets, build_loaders
+from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
+from .data import build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
-from .errors import UserError, first_to_report, one_line, print_error
+from .errors import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
-from .resume import EPOCH_END_ONLY, CheckpointError, capture_rng_state, load_checkpoint, refused_change, restore_rng_state
+from .resume import EPOCH_END_ONLY, refused_change
 from .rundir import claim
 from .signals import StopRequest
 
@@ -183,26 +184,14 @@ class Run:
             raise UserError(str(error)) from None
 
     # ---- checkpoints -------------------------------------------------------------
+    def parts(self):
+        """What a checkpoint saves of this run (:class:`checkpoints.Parts`)."""
+        return Parts(self.distiller, self.optimizer, self.lr_scheduler, self.disc_optimizer, self.disc_lr_scheduler,
+                     self.scaler, self.ema)
+
     def state(self, epoch, step=None):
         """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
-        d = self.distiller
-        projectors = d.trainable.projector_state_dict()
-        optional = lambda obj: obj.state_dict() if obj is not None else None  # noqa: E731
-        return {
-            "model": d.student.state_dict(),
-            "projectors": projectors,
-            "discriminator": optional(d.discriminator),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "disc_optimizer": optional(self.disc_optimizer),
-            "disc_lr_scheduler": optional(self.disc_lr_scheduler),
-            "scaler": optional(self.scaler),
-            "model_ema": optional(self.ema),
-            "epoch": epoch,
-            "step": step,
-            "args": saved_args(self.args),
-            "rng": dist_utils.all_gather_object(capture_rng_state()),
-        }
+        return self.parts().state_dict(epoch, step, saved_args(self.args), dist_utils.all_gather_object(capture_rng_state()))
 
     def save(self, epoch, step=None):
         """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
@@ -240,7 +229,7 @@ class Run:
         """Why ``state`` must not replace the last checkpoint, or None: non-finite weights,
         buffers or optimizer state (a NaN guard on the loss alone misses them), or a training
         loss that grew ``--max-loss-growth`` times over the epoch's first value."""
-        for key in ("model", "projectors", "discriminator", "optimizer", "disc_optimizer", "model_ema"):
+        for key in LEARNED:
             tensors = [t for t in _tensors(state[key]) if t.is_floating_point()]
             if tensors and not all(torch.isfinite(t).all() for t in tensors):
                 return f"non-finite values in the {key} state"
@@ -261,53 +250,18 @@ class Run:
 
     def restore(self, path):
         """Load a checkpoint; returns (first epoch, first step) to run."""
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as error:
-            raise UserError(str(error)) from None
+        ckpt = read(path)
         saved = ckpt["args"]
         for key in ("recipe", "model", "teacher"):
             if key in saved and saved[key] != getattr(self.args, key):
                 raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(self.args, key)}")
-        try:
-            self._load_states(ckpt, path)
-        except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of other flags
-            raise UserError(
-                f"{path} does not fit this run ({textwrap.shorten(one_line(error), 300, placeholder=' ...')}): "
-                "resume with the flags it was trained with (its config.yaml)"
-            ) from None
+        self.parts().load(ckpt, path, test_only=self.args.test_only)
         if self.args.test_only:
             return ckpt["epoch"], 0
-        rng = ckpt.get("rng") or []
-        if len(rng) == self.args.world_size:
-            restore_rng_state(rng[self.args.rank])
-        else:
-            print_main(f"note: {path} was written by {len(rng)} processes, not {self.args.world_size}: RNG streams restart")
-        if ckpt.get("step") is not None:
-            return ckpt["epoch"], ckpt["step"]
-        return ckpt["epoch"] + 1, 0
-
-    def _load_states(self, ckpt, path):
-        d = self.distiller
-        d.student.load_state_dict(ckpt["model"])
-        if self.args.test_only:
-            if self.ema is not None and ckpt.get("model_ema") is not None:
-                self.ema.load_state_dict(ckpt["model_ema"])
-            return
-        d.trainable.load_state_dict(d.trainable.joined(ckpt["model"], ckpt["projectors"]))
-        for obj, key in (
-            (d.discriminator, "discriminator"),
-            (self.optimizer, "optimizer"),
-            (self.lr_scheduler, "lr_scheduler"),
-            (self.disc_optimizer, "disc_optimizer"),
-            (self.disc_lr_scheduler, "disc_lr_scheduler"),
-            (self.scaler, "scaler"),
-            (self.ema, "model_ema"),
-        ):
-            if obj is not None:
-                if ckpt.get(key) is None:
-                    raise UserError(f"{path} holds no {key} state, which this run needs: resume with the same flags")
-                obj.load_state_dict(ckpt[key])
+        written = restore_rng(ckpt, self.args.rank, self.args.world_size)
+        if written != self.args.world_size:
+            print_main(f"note: {path} was written by {written} processes, not {self.args.world_size}: RNG streams restart")
+        return next_position(ckpt)
 
     def header(self):
         """What this run is: recipe, pair, batch, epochs, and when lambda is non-zero."""
@@ -456,10 +410,7 @@ def claim_output_dir(args):
 def check_resume(args):
     """Refuse, before anything is written, a resume whose flags would change the training it
     resumes (:func:`resume.refused_change`): what a run records is what it runs."""
-    try:
-        checkpoint = load_checkpoint(args.resume, mmap=True)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
+    checkpoint = read(args.resume, mmap=True)
     step = checkpoint.get("step")
     released = dataclasses.asdict(distiller_class(args.recipe).config_class())
     change = refused_change(checkpoint["args"], args, step is not None, released)
@@ -573,8 +524,6 @@ def resume_path(args):
 
 def _student_weights(path):
     """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
-    from .tools import SourceCheckpoint
-
     return SourceCheckpoint(path).student_state("student")
 
 
@@ -593,11 +542,7 @@ def main(argv=None):
     args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # train() takes them over
     try:
-        train(args)
-        return 0
-    except (UserError, DataError, TrainingError, StateMismatch) as error:
-        print_error(error)
-        return 1
+        return run_and_report(train, args)
     except KeyboardInterrupt:  # a second Ctrl-C (the first saves), or one where nothing is saved
         print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"))
         return 130
