@@ -276,6 +276,12 @@ def get_args_parser(add_help=True):
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
 
+    add_distiller_flags(p)
+    return p
+
+
+def add_distiller_flags(p):
+    """A flag per field of every registered recipe's config, with its comment as the help text."""
     g = p.add_argument_group(
         "distiller",
         "loss weights and switches; unset (or none) means the recipe's released value. In the cakd recipe lambda(epoch) "
@@ -294,7 +300,6 @@ def get_args_parser(add_help=True):
         else:
             kind = {int: int, "int": int, str: str, "str": str}.get(field.type, float)
             g.add_argument(flag, default=None, type=kind if kind is str else optional(kind), help=text)
-    return p
 
 
 # what a distiller number weighs, where the field's comment in cakd/distillers/ does not say it
