@@ -314,37 +314,21 @@ class Run:
         return results
 
 
+def flag_values(args, *names):
+    """``{name: args.name}``: flags passed on as the keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def dataset_options(args):
     """The data flags, as :func:`build_datasets` takes them."""
-    return dict(
-        dataset=args.dataset,
-        data_path=args.data_path,
-        train_crop_size=args.train_crop_size,
-        val_crop_size=args.val_crop_size,
-        val_resize_size=args.val_resize_size,
-        interpolation=args.interpolation,
-        auto_augment=args.auto_augment,
-        ra_magnitude=args.ra_magnitude,
-        augmix_severity=args.augmix_severity,
-        random_erase=args.random_erase,
-        num_classes=args.num_classes,
-        synthetic_size=args.synthetic_size,
-        download=args.download,
-        cache_dir=args.output_dir if args.cache_dataset else None,
-    )
+    names = ("dataset", "data_path", "train_crop_size", "val_crop_size", "val_resize_size", "interpolation", "auto_augment",
+             "ra_magnitude", "augmix_severity", "random_erase", "num_classes", "synthetic_size", "download")
+    return {**flag_values(args, *names), "cache_dir": args.output_dir if args.cache_dataset else None}
 
 
 def loader_options(args):
     """The loader flags, as :func:`build_loaders` takes them (``distributed`` aside: torchrun's, not a flag)."""
-    return dict(
-        batch_size=args.batch_size,
-        workers=args.workers,
-        seed=args.seed,
-        ra_sampler=args.ra_sampler,
-        ra_reps=args.ra_reps,
-        mixup_alpha=args.mixup_alpha,
-        cutmix_alpha=args.cutmix_alpha,
-    )
+    return flag_values(args, "batch_size", "workers", "seed", "ra_sampler", "ra_reps", "mixup_alpha", "cutmix_alpha")
 
 
 def schedule_options(args):
