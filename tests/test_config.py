@@ -127,6 +127,8 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     "paper_setup": PAPER_IMAGENET,
     "cakd_paper": PAPER_IMAGENET,
     "kd": PAPER_IMAGENET,
+    "rkd": PAPER_IMAGENET,
+    "irg": PAPER_IMAGENET,
     "ablation_logits": PAPER_IMAGENET,
     "ablation_gl": PAPER_IMAGENET,
     "ablation_pca": PAPER_IMAGENET,
@@ -134,6 +136,8 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     # CIFAR-100 (paper.md): images resized to the teacher's 224 input for training and evaluation
     "cifar100_baseline": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_logits": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_rkd": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_irg": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_cakd": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_cakd_released": (PAPER_CIFAR, (224, 224, "bilinear")),
     # the teacher's fine-tuning (ours, the paper gives none): lr 0.003, one linear warmup epoch from

@@ -520,7 +520,7 @@ def test_experiment_scripts_run_once_per_seed(tmp_path):
     assert result.returncode == 2 and "not --output-dir" in result.stderr and not result.stdout
     result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={**env, "SEEDS": ""}, timeout=60)
     assert result.stdout.splitlines() == ["run into runs/x with "]
-    for name in ("baseline", "logits", "cakd", "cakd_paper"):  # every launch script takes SEEDS
+    for name in ("baseline", "logits", "kd", "rkd", "irg", "cakd", "cakd_paper"):  # every launch script takes SEEDS
         assert '. "$(dirname "$0")/seeds.sh"' in open(os.path.join(ROOT, "experiments", f"run_{name}.sh")).read()
 
 
