@@ -17,10 +17,11 @@ import sys
 import yaml
 
 from ..corruptions import VIEW_PROTOCOLS
-from ..distillers import CHOICES, DISTILLERS
+from ..distillers import DISTILLERS, config_choices
 from ..models import STUDENTS, TEACHERS
 from .errors import first_to_report
 from .optim import SCHEDULERS
+from .plugins import PluginError, load_plugins, plugins_in
 
 # what a run is asked to do, not how it trains: kept out of config.yaml and the checkpoint's args,
 # so that rerunning with --config runs/x/config.yaml neither resumes nor only tests by accident
@@ -139,7 +140,15 @@ def get_args_parser(add_help=True):
     p.add_argument("--config", default=None, type=str, help="YAML file of flag values (the command line wins)")
 
     g = p.add_argument_group("recipe and models")
-    g.add_argument("--recipe", default="cakd", choices=sorted(DISTILLERS), help="baseline, logits (released: MSE), kd (Hinton) or cakd")
+    g.add_argument(
+        "--recipe", default="cakd", choices=sorted(DISTILLERS),
+        help="the method: baseline (the student alone), logits (released: logit MSE), kd (Hinton), cakd, or one a --plugin registers",
+    )
+    g.add_argument(
+        "--plugin", default=[], action="append", metavar="MODULE",
+        help="import MODULE (a module name, or a .py file) first: the recipes and teacher families it registers become "
+        "--recipe and --teacher values, its config fields flags (docs/extending.md); repeatable",
+    )
     g.add_argument(
         "--model",
         "--student",
@@ -271,11 +280,13 @@ def get_args_parser(add_help=True):
         "loss weights and switches; unset (or none) means the recipe's released value. In the cakd recipe lambda(epoch) "
         "also multiplies the weighted distillation terms (--lambda-scope says which)",
     )
-    meanings = distiller_option_meanings()
+    meanings, choices = distiller_option_meanings(), config_choices()
+    builtin = {f.name for m in DISTILLERS.values() if m.__module__.startswith("cakd.") for f in dataclasses.fields(m.config_class)}
     for field in distiller_option_fields():
-        text = f"{meanings.get(field.name, field.name.replace('_', ' '))} (default: the released {field.default!r})"
-        if field.name in CHOICES:  # checked by the distiller's config, so a saved null still loads
-            text += f"; one of {', '.join(CHOICES[field.name])}"
+        default = f"the released {field.default!r}" if field.name in builtin else repr(field.default)
+        text = f"{meanings.get(field.name, field.name.replace('_', ' '))} (default: {default})"
+        if field.name in choices:  # checked by the distiller's config, so a saved null still loads
+            text += f"; one of {', '.join(choices[field.name])}"
         flag = "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):
             g.add_argument(flag, default=None, action=Switch, help=text)
@@ -285,7 +296,7 @@ def get_args_parser(add_help=True):
     return p
 
 
-# what a distiller number weighs, where the field's comment in cakd/distillers.py does not say it
+# what a distiller number weighs, where the field's comment in cakd/distillers/ does not say it
 MEANINGS = {
     "lambda_span": "ramp: epochs from lambda_start until lambda reaches lambda_max",
     "lambda_max": "ramp: the top of lambda, the weight of the distillation terms",
@@ -353,7 +364,9 @@ def load_yaml(path, parser, _seen=()):
         parser.error(f"config file {path} has unknown key(s) {', '.join(map(str, unknown))} ({hint})")
     for key, value in data.items():
         action = known[str(key).replace("-", "_")]
-        if isinstance(value, str) and action.type is not None:
+        if isinstance(action, argparse._AppendAction):  # plugin: a name or a list, added to the included files'
+            value = defaults.get(action.dest, []) + ([value] if isinstance(value, str) else list(value or []))
+        elif isinstance(value, str) and action.type is not None:
             value = action.type(value)
         if action.choices is not None and value not in action.choices:
             parser.error(f"config file {path}: {key}={value!r} is not one of {', '.join(map(str, action.choices))}")
@@ -376,8 +389,21 @@ def print_help(argv):
     parser.print_help()
 
 
+def import_plugins(argv):
+    """Import the ``--plugin`` modules of ``argv`` and of its ``--config`` YAML, before any parser is
+    built from the registries; one ``error:`` line and exit 2 when one cannot be imported."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    config = pre.parse_known_args(argv)[0].config
+    try:
+        load_plugins(plugins_in(argv, [config] if config else []))
+    except PluginError as error:
+        get_args_parser().error(str(error))
+
+
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    import_plugins(argv)
     if "-h" in argv or "--help" in argv:
         print_help(argv)
         sys.exit(0)

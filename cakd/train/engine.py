@@ -116,7 +116,7 @@ def train_one_epoch(run, epoch, start_step=0):
     logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
     logger.add_meter("img/s", TensorMeter(window=10, fmt="{median:.1f}"))
     lam = distiller.distill_weight(epoch)
-    if args.recipe == "cakd":  # the weight of the distillation terms printed beside them
+    if distiller.logs_distill_weight:  # the weight of the distillation terms printed beside them
         logger.add_meter("lambda", TensorMeter(window=1, fmt="{value:.3f}"))
     total = len(run.train_loader) + start_step
     if args.iters_per_epoch:

@@ -19,8 +19,8 @@ from torch.nn import functional as F
 
 from . import distributed as dist_utils
 from ..checkpoint import StateMismatch, save_atomic
-from ..distillers import DISTILLERS, BaselineDistiller, StudentWithProjectors, build_distiller
-from ..models import CNN_STUDENTS, build_student, build_teacher, check_pair, check_teacher_input, no_weights
+from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
+from ..models import build_student, build_teacher, check_teacher_input, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .data import DataError, build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
@@ -45,14 +45,15 @@ class Run:
         self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_one_epoch)
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
-        if args.recipe != "baseline" and not args.test_only:  # before data, student or teacher
+        method = distiller_class(args.recipe)
+        with_teacher = method.needs_teacher and not args.test_only
+        if with_teacher:  # before data, student or teacher
             try:
                 check_teacher_input(args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(f"--train-crop-size {args.train_crop_size}: {error}") from None
-        if args.recipe == "cakd" and not args.test_only and args.model in CNN_STUDENTS:
             try:
-                check_pair(args.model, args.teacher, args.train_crop_size)
+                method.check_pair(args.model, args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(args)
@@ -63,7 +64,7 @@ class Run:
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         student = self._student(num_classes)
-        teacher = None if args.recipe == "baseline" or args.test_only else self._teacher(num_classes)
+        teacher = self._teacher(num_classes) if with_teacher else None
         if args.test_only:
             distiller = BaselineDistiller(StudentWithProjectors(student))
         else:
@@ -96,7 +97,7 @@ class Run:
             raise UserError(str(error)) from None
         self.disc_optimizer = self.disc_lr_scheduler = None
         if distiller.discriminator is not None:
-            factor = distiller.config.disc_lr_factor
+            factor = distiller.disc_lr_factor()
             self.disc_optimizer = torch.optim.SGD(
                 distiller.discriminator.parameters(),
                 lr=factor * args.lr,
@@ -312,11 +313,12 @@ class Run:
     def header(self):
         """What this run is: recipe, pair, batch, epochs, and when lambda is non-zero."""
         a = self.args
-        pair = f"{a.model} alone" if a.recipe == "baseline" else f"{a.model} <- {a.teacher} ({a.teacher_weights})"
+        pair = f"{a.model} <- {a.teacher} ({a.teacher_weights})" if self.distiller.teacher is not None else f"{a.model} alone"
         line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
                 f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
-        if a.recipe == "cakd":
-            line += "\n  " + lambda_schedule(self.distiller, a.epochs)
+        schedule = self.distiller.schedule_line(a.epochs)
+        if schedule:
+            line += "\n  " + schedule
         return line
 
     # ---- evaluation ----------------------------------------------------------------
@@ -341,23 +343,6 @@ class Run:
                 self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
             )
         return results
-
-
-def lambda_schedule(distiller, epochs):
-    """When lambda, the weight of the distillation terms, is non-zero, in words."""
-    weights = [distiller.distill_weight(epoch) for epoch in range(epochs)]
-    if distiller.config.lambda_scope == "adversarial" and not distiller.config.use_adv:
-        return "no adversarial term (use_adv false), so lambda (lambda_scope adversarial) weighs nothing"
-    scope = "on every distillation term" if distiller.config.lambda_scope == "all" else "on the adversarial term"
-    nonzero = [epoch for epoch, weight in enumerate(weights) if weight > 0]
-    if not nonzero:
-        return f"lambda stays 0 in all {epochs} epoch(s): the distillation terms are logged but do not train"
-    first, top = nonzero[0], max(weights)
-    reached = weights.index(top)
-    if first == reached:
-        return f"lambda {top:g} from epoch {first} ({scope})"
-    return (f"lambda 0 until epoch {first} (the distillation terms are logged but do not train), "
-            f"rising to {top:g} at epoch {reached} ({scope})")
 
 
 def schedule_options(args):
@@ -426,7 +411,7 @@ def check_resume(args):
     except CheckpointError as error:
         raise UserError(str(error)) from None
     step = checkpoint.get("step")
-    released = dataclasses.asdict(DISTILLERS[args.recipe].config_class()) if args.recipe in DISTILLERS else {}
+    released = dataclasses.asdict(distiller_class(args.recipe).config_class())
     change = refused_change(checkpoint["args"], args, step is not None, released)
     if change is None:
         return
