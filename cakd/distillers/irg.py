@@ -18,7 +18,7 @@ from .rkd import StudentFeatures
 class IRGConfig(BaselineConfig):
     """The IRG terms' weights (the authors' released code) and the layers they read (ours)."""
 
-    irg_vertex_weight: float = 1.0  # the logits term (the authors' prototxts carry none: 1, as the cross-entropy)
+    irg_vertex_weight: float = 0.002  # the logits term, ours (the authors' prototxts carry none): 2 / classes, the released logit MSE's scale; 1 diverges at lr 0.1 with 1000 classes
     irg_edge_weight: float = 0.005  # each edge term: the authors' IRG prototxt
     irg_transform_weight: float = 0.005  # the transformation term: the authors' IRG-transformation prototxt
     irg_student_layers: str = "auto"  # edges besides the embedding: "auto" (the last stages at 4x and 2x the final grid) or module names, comma-separated
