@@ -9,6 +9,8 @@ import textwrap
 
 import torch
 
+from .errors import CakdError
+
 _GL_KEY = re.compile(r"gl_proj\.layers\.fc_layer_(\d+)\.(weight|bias)$")
 _PROJECTOR_PREFIXES = ("pca_proj.", "gl_proj.", "cls_proj.")
 
@@ -45,7 +47,7 @@ def split_reference_state_dict(state_dict):
     return student, projectors
 
 
-class StateMismatch(ValueError):
+class StateMismatch(CakdError, ValueError):
     """A state dict that does not fit its module, told in one line: what, the detail, the fix."""
 
 

@@ -1,24 +1,21 @@
-"""Builders for torchvision students and teachers by name, their weights, and the choice of
-the student stage whose grid equals the teacher's token grid.
+"""Builders for torchvision students by name, the weights of any model by name, and the
+choice of the student stage whose grid equals the teacher's token grid.
 
 Students are torchvision CNNs (ResNet, Wide-ResNet, ResNeXt, MobileNet, EfficientNet); any
-torchvision transformer of :data:`TEACHERS` may also be trained as a plain student (to
-fine-tune a teacher). Teachers are ViTs and Swin Transformers (v1 and v2). The stage is
-found by one rule, with no table per model: a forward pass on the meta device (no memory,
-no arithmetic) records each stage's output shape, and the last stage whose grid is the
-teacher's wins.
+teacher of ``cakd.teachers.TEACHERS`` may also be trained as a plain student (to fine-tune a
+teacher), built by its family. The stage is found by one rule, with no table per model: a
+forward pass on the meta device (no memory, no arithmetic) records each stage's output
+shape, and the last stage whose grid is the teacher's wins.
 """
+import importlib
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
 from torch.func import functional_call
-from torchvision.models import SwinTransformer, VisionTransformer
 from torchvision.models.resnet import Bottleneck, ResNet
-from torchvision.models.vision_transformer import interpolate_embeddings
 
 from .checkpoint import load_error
 
@@ -42,42 +39,26 @@ CNN_STUDENTS = (
     "mobilenet_v3_large",
     *(f"efficientnet_b{i}" for i in range(8)),
 )
-VIT_TEACHERS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b")
-SWIN_TEACHERS = ("swin_t", "swin_s", "swin_b", "swin_l", "swin_v2_t", "swin_v2_s", "swin_v2_b")
-TEACHERS = VIT_TEACHERS + SWIN_TEACHERS
-# what --model accepts: a CNN for every recipe, a transformer for the plain recipes (fine-tuning a teacher)
-STUDENTS = CNN_STUDENTS + TEACHERS
 
 
-def swin_l(num_classes: int = 1000, **kwargs) -> SwinTransformer:
-    """Swin-L (window 7), which torchvision has the class but no builder for: embed 192,
-    depths 2-2-18-2, heads 6-12-24-48. Weights come from the official release through
-    ``scripts/convert_weights.py``. Stochastic depth 0.2, unused by an eval-mode teacher."""
-    return SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=192,
-        depths=[2, 2, 18, 2],
-        num_heads=[6, 12, 24, 48],
-        window_size=[7, 7],
-        stochastic_depth_prob=0.2,
-        num_classes=num_classes,
-        **kwargs,
-    )
+def student_names() -> tuple:
+    """What ``--model`` accepts (``STUDENTS``): a CNN for every recipe, a registered teacher
+    for the plain recipes (fine-tuning a teacher)."""
+    from .teachers import TEACHERS  # imported here: cakd.teachers imports this module
+
+    return CNN_STUDENTS + tuple(TEACHERS)
 
 
-def deit_b(num_classes: int = 1000, image_size: int = 224, **kwargs) -> VisionTransformer:
-    """DeiT-B (Touvron et al. 2021, no distillation token): a ViT-B/16, whose weights come
-    from the official release through ``scripts/convert_weights.py``."""
-    return VisionTransformer(
-        image_size=image_size,
-        patch_size=16,
-        num_layers=12,
-        num_heads=12,
-        hidden_dim=768,
-        mlp_dim=3072,
-        num_classes=num_classes,
-        **kwargs,
-    )
+# names that moved to cakd.teachers, still read from here (see __getattr__ at the end)
+_MOVED = {
+    "TEACHERS": "cakd.teachers",
+    "build_teacher": "cakd.teachers",
+    "check_teacher_input": "cakd.teachers",
+    "check_pair": "cakd.teachers",
+    "token_grid": "cakd.teachers",
+    "deit_b": "cakd.teachers.vit",
+    "swin_l": "cakd.teachers.swin",
+}
 
 
 class DoubleBottleneck(Bottleneck):
@@ -107,18 +88,21 @@ def resnet50x2(num_classes: int = 1000) -> ResNet:
     return model
 
 
-OWN_BUILDERS = {"swin_l": swin_l, "deit_b": deit_b, "resnet50x2": resnet50x2}
-CONVERTED = ("swin_l", "deit_b")  # weights made from the official release by scripts/convert_weights.py
+STUDENT_BUILDERS = {"resnet50x2": resnet50x2}  # the students torchvision has no builder for
 
 
 def architecture(name: str, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
-    """A randomly initialised model by name (ViTs are built for ``image_size``)."""
-    if name not in STUDENTS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(STUDENTS)}")
-    kwargs = {"image_size": image_size} if name in VIT_TEACHERS else {}
-    if name in OWN_BUILDERS:
-        return OWN_BUILDERS[name](num_classes=num_classes, **kwargs)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    """A randomly initialised model by name (a teacher built by its family, for ``image_size``)."""
+    from .teachers import family_of  # imported here: cakd.teachers imports this module
+
+    family = family_of(name)
+    if family is not None:
+        return family.build(name, num_classes, image_size)
+    if name not in CNN_STUDENTS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(student_names())}")
+    if name in STUDENT_BUILDERS:
+        return STUDENT_BUILDERS[name](num_classes=num_classes)
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
 def no_weights(weights) -> bool:
@@ -131,78 +115,25 @@ def build_student(name: str, num_classes: int = 1000, weights=None, image_size: 
 
     ``weights`` (a weights-enum member name such as ``"IMAGENET1K_V1"``, or a ``.pth`` path)
     initialises it instead: a classifier for another class count is left at its random
-    initialisation, and a ViT's position embeddings are interpolated to ``image_size``.
+    initialisation, and a teacher's family adapts them to ``image_size`` (a ViT's position
+    embeddings are interpolated).
     """
-    if name not in STUDENTS:
-        raise ValueError(f"unknown student {name!r}: choose one of {', '.join(STUDENTS)}")
+    from .teachers import family_of  # imported here: cakd.teachers imports this module
+
+    if name not in student_names():
+        raise ValueError(f"unknown student {name!r}: choose one of {', '.join(student_names())}")
     model = architecture(name, num_classes, image_size)
     if not no_weights(weights):
         state = load_state_dict(name, weights, role="student")
-        if isinstance(model, VisionTransformer):
-            state = interpolate_embeddings(image_size, model.patch_size, state)
+        family = family_of(name)
+        if family is not None:
+            state = family.adapt_state_dict(state, model, image_size)
         head = classifier_key(model)
         if state.get(head + ".weight") is not None and state[head + ".weight"].shape[0] != num_classes:
             state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any(not key.startswith(head + ".") for key in missing):
             raise ValueError(f"weights {weights!r} do not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model
-
-
-def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=None, progress: bool = True):
-    """A ViT or Swin teacher in eval mode with frozen parameters.
-
-    ``weights``: None (random, with a warning) or ``"none"`` (random, asked for: for smoke
-    runs, no warning), a weights-enum member name such as
-    ``"IMAGENET1K_V1"`` (downloaded once into torch's hub cache), or a path to a ``.pth``
-    state dict (``swin_l`` and ``deit_b`` have no torchvision weights: convert the official
-    release with ``scripts/convert_weights.py``). A ViT's position embeddings are
-    interpolated when the weights were trained at another resolution than ``image_size``;
-    a Swin teacher must see its whole last stage in one attention window.
-    """
-    if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}: choose one of {', '.join(TEACHERS)}")
-    meta = check_teacher_input(name, image_size)
-    patch_size = getattr(meta, "patch_size", None)
-    state_dict = None
-    if not no_weights(weights):
-        state_dict = load_state_dict(name, weights, progress)
-        head = classifier_key(meta)
-        file_classes = state_dict[head + ".weight"].shape[0]
-        if num_classes is not None and num_classes != file_classes:
-            raise ValueError(f"teacher weights {weights!r} predict {file_classes} classes, not {num_classes}")
-        num_classes = file_classes
-        if name in VIT_TEACHERS:
-            state_dict = interpolate_embeddings(image_size, patch_size, state_dict)
-    model = architecture(name, num_classes or 1000, image_size)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    elif weights is None:
-        warnings.warn(f"teacher {name} has random weights: fine for smoke runs, meaningless for distillation")
-    return freeze(model)
-
-
-def check_teacher_input(name: str, image_size: int) -> nn.Module:
-    """Refuse, in words, an input size the teacher cannot take (torchvision's ViT only asserts):
-    a ViT's must be a multiple of its patch, a Swin's last stage must fit one attention window.
-    Returns the architecture on the meta device (its sizes, no memory or arithmetic)."""
-    meta = _meta(name)
-    if name in VIT_TEACHERS:
-        patch = meta.patch_size
-        if image_size % patch:
-            lower, upper = max(patch, image_size // patch * patch), (image_size // patch + 1) * patch
-            raise ValueError(
-                f"image size {image_size} is not a multiple of {name}'s patch size {patch}: "
-                f"use a crop size such as {lower}" + (f" or {upper}" if upper != lower else "")
-            )
-    else:
-        swin_grid(meta, image_size, name)  # raises when one window cannot cover the grid
-    return meta
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
     return model
 
 
@@ -215,11 +146,14 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
     """A model's state dict from a local file (a state dict, or a checkpoint holding one under
     ``model`` or ``state_dict``) or a torchvision weights-enum member of ``name``; ``role``
     (teacher, student) names it in errors."""
+    from .teachers import family_of  # imported here: cakd.teachers imports this module
+
+    converted = name in getattr(family_of(name), "converted", ())  # made by scripts/convert_weights.py
     weights = str(weights)
     if weights.endswith((".pth", ".pt")) or os.sep in weights:
         if not os.path.isfile(weights):
             hint = ""
-            if name in CONVERTED:
+            if converted:
                 hint = f": make it with python scripts/convert_weights.py --arch {name} --input OFFICIAL.pth --output {weights}"
             raise FileNotFoundError(f"{role} weights file {weights} does not exist{hint}")
         try:
@@ -233,10 +167,11 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
         if not isinstance(state, dict) or head not in state:
             raise ValueError(f"{weights} is not a state dict of {name} (no {head})")
         return dict(state)
-    if name in OWN_BUILDERS:
-        how = f"convert the official release with scripts/convert_weights.py --arch {name} and " if name in CONVERTED else ""
-        raise ValueError(f"torchvision has no {name} weights: {how}pass the .pth file")
-    enum = torchvision.models.get_model_weights(name)
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:  # a model of our own (resnet50x2, deit_b, swin_l, a plug-in's)
+        how = f"convert the official release with scripts/convert_weights.py --arch {name} and " if converted else ""
+        raise ValueError(f"torchvision has no {name} weights: {how}pass the .pth file") from None
     try:
         member = enum[weights]
     except KeyError:
@@ -338,44 +273,17 @@ def student_layout(student: nn.Module, image_size: int, name=None) -> StudentLay
     return StudentLayout(name or type(student).__name__, image_size, stages, head, pooled[0])
 
 
-def match_stage(student: nn.Module, grid: int, image_size: int):
-    """``(name, channels)`` of the last stage whose output grid is ``grid`` x ``grid`` (ResNet
-    ``layer3`` for /16 teachers at 224, ``layer4`` for /32 and Swin; MobileNetV2
-    ``features.13`` / ``features.18``; EfficientNet-B0 ``features.5`` / ``features.8``)."""
-    return student_layout(student, image_size).stage_for(grid)
+def __getattr__(name):
+    """The old homes of what moved to :mod:`cakd.teachers` (``cakd.models.build_teacher``,
+    ``TEACHERS``, ``deit_b`` ...), ``STUDENTS`` (registered teachers included) and
+    ``OWN_BUILDERS`` (every model torchvision has no builder for), read when asked: a lazy
+    import, since the teacher families import this module."""
+    if name == "STUDENTS":
+        return student_names()
+    if name == "OWN_BUILDERS":
+        from .teachers import REGISTRY
 
-
-def token_grid(teacher: nn.Module, image_size: int, name=None) -> int:
-    """The side of the teacher's token grid at ``image_size``: a ViT's ``image_size / patch``,
-    a Swin's last stage (:func:`swin_grid`)."""
-    if isinstance(teacher, SwinTransformer):
-        return swin_grid(teacher, image_size, name)
-    return image_size // teacher.patch_size
-
-
-def check_pair(student: str, teacher: str, image_size: int):
-    """Raise the distiller's error for a pair of model names whose grids cannot meet, before
-    anything is built or downloaded (both are looked at on the meta device)."""
-    check_teacher_input(teacher, image_size)
-    with torch.device("meta"):
-        grid = token_grid(architecture(teacher, image_size=image_size), image_size, teacher)
-        student_layout(architecture(student), image_size, student).stage_for(grid)
-
-
-def swin_grid(teacher: SwinTransformer, image_size: int, name=None) -> int:
-    """The last stage's grid of a Swin teacher at ``image_size``, which its attention window
-    must cover (then the attention, and so the score map, is global)."""
-    out = functional_call(
-        teacher.features,
-        {k: torch.empty_like(v, device="meta") for k, v in teacher.features.state_dict(keep_vars=True).items()},
-        (torch.empty(1, 3, image_size, image_size, device="meta"),),
-    )
-    height, width = out.shape[1:3]
-    window = teacher.features[-1][-1].attn.window_size
-    if height > window[0] or width > window[1]:
-        raise ValueError(
-            f"{name or 'the Swin teacher'}'s last stage is {height}x{width} at {image_size}x{image_size} input, larger than "
-            f"its {window[0]}x{window[1]} attention window, so its attention is not global: use an input of at most "
-            f"{32 * window[0]}x{32 * window[1]}"
-        )
-    return height
+        return {**STUDENT_BUILDERS, **{n: b for family in dict.fromkeys(REGISTRY.values()) for n, b in family.builders.items()}}
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

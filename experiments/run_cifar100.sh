@@ -36,7 +36,7 @@ run() {  # one step with the launcher, in the background so that a SIGTERM reach
     child=$!
     wait "$child"
     child=
-    finished="import sys; from cakd.train.resume import finished; sys.exit(0 if finished(sys.argv[1]) else 1)"
+    finished="import sys; from cakd.train.checkpoints import finished; sys.exit(0 if finished(sys.argv[1]) else 1)"
     if ! python3 -c "$finished" "$out/checkpoint.pth"; then  # stopped mid-way (a SIGTERM to the launcher)
         echo "$out stopped before its last epoch; run the script again to go on"
         exit 0

@@ -21,20 +21,14 @@ import itertools
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
 
-import torch  # noqa: E402
-
-from cakd.models import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from cakd.train.figures import pyplot, save  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import (  # noqa: E402
-    SourceCheckpoint,
-    UserError,
-    rebuild_distiller,
-    run_and_report,
-    training_crop_val_dataset,
-)
+from cakd.models import IMAGENET_MEAN, IMAGENET_STD
+from cakd.train.checkpoints import SourceCheckpoint
+from cakd.train.config import HelpFormatter
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.figures import pyplot, save
+from cakd.train.tools import add_shared_flags, check_device, rebuild_distiller, training_crop_val_dataset
 
 
 def get_args_parser():
@@ -43,13 +37,12 @@ def get_args_parser():
         allow_abbrev=False,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a cakd-recipe checkpoint.pth / model_N.pth, or a released cakd checkpoint")
+    add_shared_flags(
+        p, "checkpoint", "data_path", "model", "teacher", "teacher_weights", "device", required=("checkpoint",),
+        checkpoint="a training checkpoint (checkpoint.pth, model_N.pth) of the cakd recipe, or a released cakd checkpoint",
+    )
     p.add_argument("--output", default="attention_maps.png", help="the PNG to write (default: %(default)s)")
-    p.add_argument("--data-path", default=None, help="folder with val/<class>/ or the val folder itself (default: the run's)")
     p.add_argument("--num-images", default=4, type=int, help="rows: N validation images, from as many classes as there are (default: %(default)s)")
-    p.add_argument("--teacher", default=None, help="teacher architecture (default: the run's)")
-    p.add_argument("--teacher-weights", default=None, help="IMAGENET1K_V1, a .pth, or none (default: the run's)")
-    p.add_argument("--model", "--student", dest="model", default=None, help="student architecture (default: the run's)")
     p.add_argument("--val-resize-size", default=None, type=int, help="eval resize (default: the run's)")
     p.add_argument(
         "--batch-stats",
@@ -57,7 +50,6 @@ def get_args_parser():
         help="student BatchNorm on the shown images' own statistics, as in a training step: for runs too short "
         "for the running averages to settle (the quickstart), whose eval-mode maps are far off (default: off)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     return p
 
 
@@ -105,6 +97,7 @@ def figure(images, teacher_maps, student_maps, names, caption):
 def run(args):
     if args.num_images < 1:
         raise UserError("--num-images must be at least 1")
+    device = check_device(args.device)
     checkpoint = SourceCheckpoint(args.checkpoint)
     if checkpoint.kind == "student":
         raise UserError(f"{args.checkpoint} is a plain student state dict: it holds no projectors, so no attention map to draw")
@@ -114,7 +107,6 @@ def run(args):
     if distiller.trainable.pca_proj is None:
         raise UserError(f"{args.checkpoint} was trained without the attention projector (use_pca: false): no map to draw")
     dataset = training_crop_val_dataset(checkpoint, distiller.student, args.data_path, args.val_resize_size)
-    device = torch.device(args.device)
     distiller.to(device)
 
     rows = pick_rows(dataset.targets, args.num_images)

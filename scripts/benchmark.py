@@ -36,17 +36,16 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import cakd  # noqa: E402
-from cakd.distillers import CAKDDistiller  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.data import ClassificationPresetTrain, ImageFolder  # noqa: E402
-from cakd.train.engine import autocast, training_step  # noqa: E402
-from make_image_folder import make_image_folder  # noqa: E402
+import cakd
+from cakd.distillers import CAKDDistiller
+from cakd.train.config import HelpFormatter
+from cakd.train.data import ClassificationPresetTrain, ImageFolder
+from cakd.train.engine import autocast, training_step
+from cakd.train.tools import DEFAULTS, add_shared_flags
+from make_image_folder import make_image_folder  # beside this script
 
 MODES = ("ideal", "baseline", "logits", "cakd", "released_style")
 PLAIN = {"map_fold": "never", "zero_lambda_no_grad": False}  # cakd_plain: the switchable speed paths off
@@ -103,10 +102,12 @@ class Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=Formatter)
-    p.add_argument("--device", default=None, help="the device to time on (default: cuda when there is one, else cpu)")
+    add_shared_flags(
+        p, "device", "model", "teacher", "data_path",
+        model=f"the student to time (default: {DEFAULTS['model']})", teacher=f"the teacher, random weights (default: {DEFAULTS['teacher']})",
+        data_path="ImageFolder root (with train/) for the loader measurement (default: generated JPEGs)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
-    p.add_argument("--student", default="resnet50", help="torchvision student")
-    p.add_argument("--teacher", default="vit_b_16", help="teacher, random weights")
     p.add_argument("--image-size", type=int, default=224, help="input resolution")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of both networks")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype (fp32: none)")
@@ -122,14 +123,13 @@ def get_args_parser():
     p.add_argument("--flops", action="store_true", help="also count each mode's floating-point operations per step (eager)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--loader-workers", type=int, nargs="*", default=[], help="also measure loader throughput for these worker counts")
-    p.add_argument("--data-path", default=None, help="ImageFolder root (with train/) for the loader measurement; default: generated JPEGs")
     p.add_argument("--loader-batches", type=int, default=10, help="batches timed per worker count")
     return p
 
 
 def get_args(argv=None):
     args = get_args_parser().parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.model, args.teacher = args.model or DEFAULTS["model"], args.teacher or DEFAULTS["teacher"]
     return args
 
 
@@ -403,12 +403,12 @@ def main(argv=None):
     student = teacher = images = targets = None
     if args.modes:
         torch.manual_seed(0)
-        student = cakd.build_student(args.student, num_classes=args.num_classes)
+        student = cakd.build_student(args.model, num_classes=args.num_classes)
         teacher = cakd.build_teacher(args.teacher, weights="none", image_size=args.image_size, num_classes=args.num_classes)
         teacher.to(device, memory_format=memory_format)
         images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device).to(memory_format=memory_format)
         targets = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
-        print(f"# {args.student} <- {args.teacher}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
+        print(f"# {args.model} <- {args.teacher}, batch {args.batch_size}, {args.image_size}px, {args.dtype}"
               f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}, {device_name}, torch {torch.__version__}")
     else:  # the loader alone: no model is built, none is named
         print(f"# loader only: the cakd training preset at {args.image_size}px, batch {args.batch_size}, "

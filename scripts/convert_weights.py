@@ -15,14 +15,13 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
 
-import torch  # noqa: E402
-
-from cakd.checkpoint import load_error, load_strict, save_atomic  # noqa: E402
-from cakd.models import deit_b, swin_l  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import UserError, check_output, run_and_report  # noqa: E402
+from cakd.checkpoint import load_error, load_strict, save_atomic
+from cakd.models import deit_b, swin_l
+from cakd.train.config import HelpFormatter
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.tools import check_output
 
 # Buffers the target builds itself from its window size; releases store some of them.
 COMPUTED = ("relative_position_index", "attn_mask")

@@ -21,29 +21,28 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
+from torch.utils.data import DataLoader, SequentialSampler
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, SequentialSampler  # noqa: E402
-
-from cakd.corruptions import VIEW_PROTOCOLS  # noqa: E402
-from cakd.models import no_weights, num_classes_of  # noqa: E402
-from cakd.train import distributed as dist_utils  # noqa: E402
-from cakd.train.data import ShardSampler  # noqa: E402
-from cakd.train.engine import evaluate, evaluate_views  # noqa: E402
-from cakd.train.logging import print_main  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import (  # noqa: E402
+from cakd.corruptions import VIEW_PROTOCOLS
+from cakd.models import no_weights, num_classes_of
+from cakd.train import distributed as dist_utils
+from cakd.train.checkpoints import SourceCheckpoint
+from cakd.train.config import HelpFormatter
+from cakd.train.data import ShardSampler
+from cakd.train.engine import evaluate, evaluate_views
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.logging import print_main
+from cakd.train.tools import (
     DEFAULTS,
     RECIPE_EVAL,
-    SourceCheckpoint,
-    UserError,
+    add_shared_flags,
     build_eval_teacher,
     build_val_dataset,
     check_class_count,
+    check_device,
     load_student,
     pick,
-    run_and_report,
 )
 
 HEADERS = {"student": "Test:", "ema": "Test: EMA", "teacher": "Test: teacher"}
@@ -56,19 +55,12 @@ def get_args_parser():
         formatter_class=HelpFormatter,
     )
     run = "the run's"  # most defaults come from the flags saved in the checkpoint
-    p.add_argument(
-        "--checkpoint",
-        default=None,
-        help="cakd checkpoint.pth / model_N.pth, an exported student .pth, or a released-code checkpoint "
+    add_shared_flags(
+        p, "checkpoint", "data_path", "model", "teacher", "teacher_weights", "device",
+        checkpoint="a training checkpoint (checkpoint.pth, model_N.pth), an exported student .pth or a released-code checkpoint "
         "(optional with --which teacher)",
     )
     p.add_argument("--which", default="student", choices=["student", "ema", "teacher"], help="what to evaluate (default: student)")
-    p.add_argument(
-        "--data-path", default=None, help=f"folder with val/<class>/, or the val folder itself (default: {run} --data-path)"
-    )
-    p.add_argument("--model", "--student", dest="model", default=None, help=f"student architecture (default: {run}, else inferred)")
-    p.add_argument("--teacher", default=None, help=f"teacher for --which teacher (default: {run}, else vit_b_16)")
-    p.add_argument("--teacher-weights", default=None, help=f"IMAGENET1K_V1, a .pth file, or none (default: {run}, else IMAGENET1K_V1)")
     p.add_argument("--val-resize-size", default=None, type=int, help=f"eval resize (default: {run}, else {RECIPE_EVAL['val_resize_size']})")
     p.add_argument("--val-crop-size", default=None, type=int, help=f"eval center crop (default: {run}, else {RECIPE_EVAL['val_crop_size']})")
     p.add_argument("--interpolation", default=None, help=f"resize interpolation (default: {run}, else bilinear)")
@@ -76,7 +68,6 @@ def get_args_parser():
     p.add_argument(
         "-j", "--workers", default=min(4, os.cpu_count() or 1), type=int, help="data loading workers per process (default: %(default)s)"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when visible)")
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=f"autocast (default: {run})")
     p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help=f"autocast dtype (default: {run})")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
@@ -89,7 +80,6 @@ def get_args_parser():
         "train_views: the multi-view generator's own training transforms, not the paper's protocol (default: %(default)s)",
     )
     p.add_argument("--views-seed", default=0, type=int, help="seed of the views (default: 0, as the trainer's --eval-views)")
-    p.add_argument("--dist-url", default="env://", help="url used to set up distributed evaluation, as torchrun sets it (default: %(default)s)")
     return p
 
 
@@ -110,12 +100,11 @@ def build_model(args, checkpoint, dataset, crop):
 
 
 def run(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: pass --device cpu")
+    check_device(args.device)  # before torchrun's set-up, which would fail on it
     if args.checkpoint is None and args.which != "teacher":
         raise UserError(f"--which {args.which} needs --checkpoint")
-    dist_utils.init_distributed_mode(args)
-    device = torch.device(args.device)
+    processes = dist_utils.init_distributed_mode(args.device)
+    device = processes.device
     checkpoint = SourceCheckpoint(args.checkpoint) if args.checkpoint else None
 
     crop, resize = pick(checkpoint, "val_crop_size", args.val_crop_size), pick(checkpoint, "val_resize_size", args.val_resize_size)
@@ -130,12 +119,12 @@ def run(args):
 
     model, what = build_model(args, checkpoint, dataset, crop)
     model.to(device, memory_format=memory_format)
-    sampler = ShardSampler(dataset) if args.distributed else SequentialSampler(dataset)
+    sampler = ShardSampler(dataset) if processes.distributed else SequentialSampler(dataset)
     batch_size = pick(checkpoint, "batch_size", args.batch_size)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda"
     )
-    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {sizes}, {args.world_size} process(es))")
+    print_main(f"evaluate: {what} on {dataset.root} ({len(dataset)} images, {sizes}, {processes.world_size} process(es))")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     options = dict(amp_dtype=amp_dtype, memory_format=memory_format, print_freq=max(args.print_freq, 1) * 10)

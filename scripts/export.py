@@ -3,37 +3,30 @@
     python scripts/export.py --checkpoint runs/cakd/checkpoint.pth --which ema --output resnet50_cakd_ema.pth
 
 The file loads with ``torchvision.models.get_model(arch, num_classes=K).load_state_dict(sd)``
-(strict; a ViT student trained at another crop than 224 needs its ``image_size`` too). The exported state dict is read from the checkpoint by ``SourceCheckpoint.student_state``
-(the code the evaluation and the trainer's ``--weights`` use). Before writing, that very load is
+(strict; a ViT student trained at another crop than 224 needs its ``image_size`` too). What is
+written is ``cakd.export_student`` of the student that ``SourceCheckpoint.student_state`` (the
+code the evaluation and the trainer's ``--weights`` use) fills. Before writing, that very load is
 done on its serialized bytes, and the logits on a random batch are compared with a yardstick
-built another way: the student held by the checkpoint's distiller as the trainer rebuilds it
-(``model`` loaded into the distiller's student; for ``--which ema``, ``model_ema`` loaded into
-the trainer's EMA wrapper around it), or, for a released-code checkpoint, the package's importer.
-The file is written only if the logits are equal.
+built another way: the student as the trainer's ``--test-only`` restores it
+(``checkpoints.Parts.load``: ``model`` into the distiller's student; for ``--which ema``,
+``model_ema`` into the trainer's EMA wrapper around it), or, for a released-code checkpoint, the
+package's importer. The file is written only if the logits are equal.
 """
 import argparse
 import io
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
 
-import torch  # noqa: E402
-
-from cakd.checkpoint import load_strict, save_atomic, split_reference_state_dict  # noqa: E402
-from cakd.distillers import BaselineDistiller, StudentWithProjectors  # noqa: E402
-from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of  # noqa: E402
-from cakd.train.optim import ExponentialMovingAverage  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import (  # noqa: E402
-    SourceCheckpoint,
-    UserError,
-    check_output,
-    load_student,
-    pick,
-    run_and_report,
-    student_arch,
-)
+from cakd import export_student
+from cakd.checkpoint import load_strict, save_atomic, split_reference_state_dict
+from cakd.distillers import BaselineDistiller, StudentWithProjectors
+from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of
+from cakd.train.checkpoints import Parts, SourceCheckpoint
+from cakd.train.config import HelpFormatter
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.optim import ExponentialMovingAverage
+from cakd.train.tools import add_shared_flags, check_output, load_student, pick, student_arch
 
 
 def get_args_parser():
@@ -42,24 +35,22 @@ def get_args_parser():
         allow_abbrev=False,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="cakd checkpoint.pth / model_N.pth, or a released-code checkpoint")
+    add_shared_flags(p, "checkpoint", "model", required=("checkpoint",))
     p.add_argument("--which", default="student", choices=["student", "ema"], help="the trained student or its EMA (default: student)")
     p.add_argument("--output", required=True, help="the .pth file to write")
-    p.add_argument("--model", "--student", dest="model", default=None, help="student architecture (default: the run's, else resnet50)")
     p.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     return p
 
 
-def reference_student(checkpoint, which, arch):
+def reference_student(checkpoint, which, arch, loaded):
     """The student as the code that wrote the checkpoint holds it: the yardstick of the check.
-    A plain state dict has no distiller: it is its own yardstick (the check is then the strict
-    load and the round trip through the file's bytes)."""
-    validated = load_student(checkpoint, which, arch)  # one clear line for a wrong --model or file
+    ``loaded``: what :func:`load_student` made of the file. A plain state dict has no distiller:
+    it is its own yardstick (the check is then the strict load and the round trip through the file's bytes)."""
     if checkpoint.kind == "student":
-        return validated
-    student = build_student(arch, num_classes=num_classes_of(validated), image_size=pick(checkpoint, "train_crop_size"))
+        return loaded
+    student = build_student(arch, num_classes=num_classes_of(loaded), image_size=pick(checkpoint, "train_crop_size"))
+    distiller = BaselineDistiller(StudentWithProjectors(student))  # as the trainer's --test-only builds it
     if checkpoint.kind == "released":  # the package's importer, as for a released run
-        distiller = BaselineDistiller(StudentWithProjectors(student))
         source = checkpoint.contents["model"] if which == "student" else checkpoint.contents["model_ema"]
         source = {k: v for k, v in source.items() if k != "n_averaged"}
         student_keys = split_reference_state_dict(source)[0]  # the import is strict: no projectors here
@@ -68,14 +59,9 @@ def reference_student(checkpoint, which, arch):
         except ValueError as error:
             raise UserError(f"{checkpoint.path}: {error}") from None
         return distiller.student.eval()
-    distiller = BaselineDistiller(StudentWithProjectors(student))  # as the trainer's --test-only builds it
-    if which == "ema":  # the trainer's EMA wrapper around the distiller's student reads model_ema as saved
-        ema = ExponentialMovingAverage(distiller.student, decay=0.0)
-        load_strict(ema, checkpoint.contents["model_ema"], f"{checkpoint.path}'s EMA does not fit a {arch}", "pass --model")
-        return ema.module.eval()
-    what = f"{checkpoint.path} does not fit a {arch} student"
-    load_strict(distiller.student, checkpoint.contents["model"], what, "pass --model")
-    return distiller.student.eval()
+    ema = ExponentialMovingAverage(distiller.student, decay=0.0) if which == "ema" else None  # the trainer's wrapper
+    Parts(distiller, ema=ema).load(checkpoint.contents, checkpoint.path, test_only=True)
+    return (distiller.student if ema is None else ema.module).eval()
 
 
 def home(arch):
@@ -83,10 +69,10 @@ def home(arch):
     return f"{'cakd.models' if arch in OWN_BUILDERS else 'torchvision.models'}.{arch}"
 
 
-def exported_state(checkpoint, which):
-    """What is written: the student's (or EMA's) plain torchvision state dict, as
-    ``SourceCheckpoint`` reads it from the file (no module in between)."""
-    return {key: value.detach().clone() for key, value in checkpoint.student_state(which).items()}
+def exported_state(student, which):
+    """What is written for ``which``: ``cakd.export_student`` of ``student``, the module that
+    :func:`load_student` filled strictly from ``SourceCheckpoint.student_state``."""
+    return export_student(student)
 
 
 @torch.no_grad()
@@ -112,8 +98,9 @@ def run(args):
     check_output(args.output, args.checkpoint, args.force, "the checkpoint")
     checkpoint = SourceCheckpoint(args.checkpoint)
     arch = student_arch(checkpoint, args.model)
-    reference = reference_student(checkpoint, args.which, arch)
-    state = exported_state(checkpoint, args.which)
+    loaded = load_student(checkpoint, args.which, arch)  # one clear line for a wrong --model or file
+    reference = reference_student(checkpoint, args.which, arch, loaded)
+    state = exported_state(loaded, args.which)
     crop = pick(checkpoint, "val_crop_size")
     diff, shape, num_classes = check_round_trip(state, reference, arch, crop, pick(checkpoint, "train_crop_size"))
     verdict = "identical" if diff == 0 else "DIFFERENT"

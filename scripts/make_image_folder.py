@@ -12,8 +12,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
-from cakd.train.config import HelpFormatter  # noqa: E402
+from cakd.train.config import HelpFormatter
 
 
 def make_image_folder(root, num_classes=3, train_per_class=4, val_per_class=2, size=80, seed=0, fmt="JPEG"):

@@ -22,14 +22,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import yaml
 
-import yaml  # noqa: E402
-
-from cakd.train.figures import pyplot, save  # noqa: E402
-from cakd.train.published import PAPER, figure3, figure3_column, published  # noqa: E402
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import DEFAULTS, UserError, run_and_report  # noqa: E402
+from cakd.train.config import HelpFormatter
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.figures import pyplot, save
+from cakd.train.published import PAPER, figure3, figure3_column, published
+from cakd.train.tools import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 

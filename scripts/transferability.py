@@ -19,21 +19,14 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a clone without pip install
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
 
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
-
-from cakd.train.config import HelpFormatter  # noqa: E402
-from cakd.train.tools import (  # noqa: E402
-    SourceCheckpoint,
-    UserError,
-    pick,
-    rebuild_distiller,
-    run_and_report,
-    training_crop_val_dataset,
-)
+from cakd.train.checkpoints import SourceCheckpoint
+from cakd.train.config import HelpFormatter
+from cakd.train.errors import UserError, run_and_report
+from cakd.train.tools import add_shared_flags, check_device, pick, rebuild_distiller, training_crop_val_dataset
 
 PAPER = {"vit_b_16": (0.78, 0.56), "swin_l": (0.73, 0.53)}  # Figure 3(b), ResNet-50 student: CAKD, direct mapping
 
@@ -44,14 +37,13 @@ def get_args_parser():
         allow_abbrev=False,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of any recipe (CAKD's projection needs a cakd run)")
-    p.add_argument("--data-path", default=None, help="folder with val/<class>/, or the val folder itself (default: the run's)")
-    p.add_argument("--teacher", default=None, help="teacher architecture (default: the run's)")
-    p.add_argument("--teacher-weights", default=None, help="IMAGENET1K_V1, a .pth file, or none (default: the run's)")
+    add_shared_flags(
+        p, "checkpoint", "data_path", "model", "teacher", "teacher_weights", "device", required=("checkpoint",),
+        checkpoint="a training checkpoint of any recipe, or a released-code checkpoint (CAKD's projection needs a cakd run)",
+    )
     p.add_argument("--num-images", default=None, type=int, help="the first N validation images (default: all)")
     p.add_argument("--batch-size", default=32, type=int, help="images per forward pass (default: %(default)s)")
     p.add_argument("--workers", default=min(4, os.cpu_count() or 1), type=int, help="data loading workers (default: %(default)s)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
     return p
 
@@ -80,16 +72,18 @@ def fit_linear_map(distiller, loader, device):
 
 @torch.no_grad()
 def run(args):
+    device = check_device(args.device)
     checkpoint = SourceCheckpoint(args.checkpoint)
     has_projectors = checkpoint.recipe() == "cakd"
     # a baseline or logits run's student gets the cakd recipe's taps, and no projectors
-    distiller, teacher = rebuild_distiller(checkpoint, recipe="cakd", teacher=args.teacher, teacher_weights=args.teacher_weights)
+    distiller, teacher = rebuild_distiller(
+        checkpoint, recipe="cakd", model=args.model, teacher=args.teacher, teacher_weights=args.teacher_weights
+    )
     dataset = training_crop_val_dataset(checkpoint, distiller.student, args.data_path)
     if args.num_images is not None:
         if args.num_images < 1:
             raise UserError("--num-images must be at least 1")
         dataset = Subset(dataset, range(min(args.num_images, len(dataset))))
-    device = torch.device(args.device)
     distiller.to(device).eval()
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
 
@@ -114,7 +108,7 @@ def run(args):
         print(f"  note: {int(tokens)} tokens for a map of {weight.shape[0]} inputs (under 10 per input): a map fitted on so few "
               "tokens fits these tokens, not the teacher in general, so the direct mapping's number says little; use more images")
     name = pick(checkpoint, "teacher")
-    if name in PAPER and pick(checkpoint, "model") == "resnet50":
+    if name in PAPER and pick(checkpoint, "model", args.model) == "resnet50":
         print(f"  paper Figure 3(b), ResNet-50 <- {name}: CAKD about {PAPER[name][0]}, direct mapping about {PAPER[name][1]}")
     if args.json:
         record = {"checkpoint": args.checkpoint, "images": len(dataset), "tokens": int(tokens), **results}

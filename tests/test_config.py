@@ -236,7 +236,7 @@ def test_a_config_the_trainer_wrote_loads_again(tmp_path):
     from cakd.train.distributed import init_distributed_mode
 
     args = parse_args(["--lr", "0.3"])
-    init_distributed_mode(args)
+    init_distributed_mode(args.device, args.dist_url)
     args.world_size = 8  # as under torchrun --nproc_per_node 8
     path = str(tmp_path / "config.yaml")
     save_config(args, path)

@@ -23,6 +23,7 @@ from cakd.train.data import (
     build_datasets,
     build_loaders,
 )
+from cakd.train.trainer import dataset_options, loader_options
 from make_image_folder import make_image_folder
 
 
@@ -41,6 +42,7 @@ def make_args(**overrides):
         augmix_severity=3,
         random_erase=0.0,
         cache_dataset=False,
+        download=False,
         output_dir=None,
         synthetic_size=64,
         num_classes=None,
@@ -164,11 +166,11 @@ def test_train_order_is_a_function_of_seed_and_epoch(ra_sampler):
         if touch_rng:
             torch.manual_seed(123)
             torch.rand(7)
-        _, _, sampler = build_loaders(dataset, dataset, 4, make_args(ra_sampler=ra_sampler, seed=seed), False)
+        _, _, sampler = build_loaders(dataset, dataset, 4, **loader_options(make_args(ra_sampler=ra_sampler, seed=seed)))
         sampler.set_epoch(epoch)
         return list(sampler)
 
-    _, val_loader, sampler = build_loaders(dataset, dataset, 4, args, False)
+    _, val_loader, sampler = build_loaders(dataset, dataset, 4, **loader_options(args))
     assert isinstance(sampler, RASampler if ra_sampler else DistributedSampler)
     assert isinstance(val_loader.sampler, SequentialSampler)
     for epoch in range(3):
@@ -198,8 +200,8 @@ def test_mixup_cutmix_collate_soft_targets_in_a_worker():
 
 def test_synthetic_dataset_is_deterministic_and_goes_through_the_presets():
     args = make_args(dataset="synthetic", synthetic_size=10, val_crop_size=32)
-    a, _, _ = build_datasets(args)
-    b, _, _ = build_datasets(args)
+    a, _, _ = build_datasets(**dataset_options(args))
+    b, _, _ = build_datasets(**dataset_options(args))
     torch.manual_seed(0)
     image, label = a[4]
     torch.manual_seed(0)
@@ -207,10 +209,10 @@ def test_synthetic_dataset_is_deterministic_and_goes_through_the_presets():
     assert image.dtype == torch.float32 and abs(image.mean().item()) < 3  # normalised, as the presets give
     torch.manual_seed(0)
     assert not torch.equal(image, a[5][0])
-    train, val, num_classes = build_datasets(make_args(dataset="synthetic", synthetic_size=10, val_crop_size=32))
+    train, val, num_classes = build_datasets(**dataset_options(make_args(dataset="synthetic", synthetic_size=10, val_crop_size=32)))
     assert num_classes == 1000 and len(train) == 10 and len(val) == 2
     assert train[0][0].shape == (3, 64, 64) and val[0][0].shape == (3, 32, 32)
-    assert build_datasets(make_args(dataset="synthetic", num_classes=7))[2] == 7
+    assert build_datasets(**dataset_options(make_args(dataset="synthetic", num_classes=7)))[2] == 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def _empty_class(root):
 def test_bad_layouts_raise_one_line_data_error(tmp_path, setup, pattern):
     data_path, named = setup(str(tmp_path))
     with pytest.raises(DataError, match=pattern) as info:
-        build_datasets(make_args(data_path=data_path))
+        build_datasets(**dataset_options(make_args(data_path=data_path)))
     message = str(info.value)
     assert "\n" not in message and named in message
 
@@ -276,8 +278,8 @@ def test_bad_layouts_raise_one_line_data_error(tmp_path, setup, pattern):
 def test_num_classes_that_disagree_with_the_folders(tmp_path):
     make_image_folder(str(tmp_path), num_classes=2, train_per_class=1, val_per_class=1, size=8)
     with pytest.raises(DataError, match="--num-classes is 5 but .* has 2 class folders"):
-        build_datasets(make_args(data_path=str(tmp_path), num_classes=5))
-    assert build_datasets(make_args(data_path=str(tmp_path), num_classes=2))[2] == 2
+        build_datasets(**dataset_options(make_args(data_path=str(tmp_path), num_classes=5)))
+    assert build_datasets(**dataset_options(make_args(data_path=str(tmp_path), num_classes=2)))[2] == 2
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -289,7 +291,7 @@ def test_corrupt_image_names_the_file(tmp_path, damage, workers):
         data = f.read()
     with open(bad, "wb") as f:
         f.write(b"this is not a jpeg" * 10 if damage == "garbage" else data[: len(data) // 2])
-    train, _, _ = build_datasets(make_args(data_path=root))
+    train, _, _ = build_datasets(**dataset_options(make_args(data_path=root)))
     batches = iter(DataLoader(train, batch_size=4, num_workers=workers))
     # Plain try/except, not pytest.raises: a failed worker iterator that is only freed by the
     # cyclic garbage collector takes torch 5 s to shut down; this way it is freed at once.
@@ -318,9 +320,9 @@ def test_image_folder_end_to_end_with_ra_sampler_and_mixup(tmp_path):
     args = make_args(
         data_path=root, ra_sampler=True, mixup_alpha=0.2, cutmix_alpha=1.0, auto_augment="ta_wide", random_erase=0.1
     )
-    train, val, num_classes = build_datasets(args)
+    train, val, num_classes = build_datasets(**dataset_options(args))
     assert (len(train), len(val), num_classes) == (12, 6, 3)
-    train_loader, val_loader, sampler = build_loaders(train, val, num_classes, args, distributed=False)
+    train_loader, val_loader, sampler = build_loaders(train, val, num_classes, distributed=False, **loader_options(args))
     assert isinstance(sampler, RASampler) and len(sampler) == 12 and len(train_loader) == 3
     sampler.set_epoch(1)
     images, targets = next(iter(train_loader))
@@ -335,14 +337,14 @@ def test_cache_dataset_reuses_the_file_list_with_new_transforms(tmp_path):
     root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
     out = tmp_path / "run"
     out.mkdir()
-    build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
+    build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out))))
     cache = json.loads((out / "dataset_cache.json").read_text())  # plain JSON in the run folder
     assert sorted(cache) == [os.path.join(root, "train"), os.path.join(root, "val")]
     assert cache[os.path.join(root, "train")]["classes"] == ["class_0", "class_1"]
     rewritten = dict(cache)  # the listing comes from the cache while the fingerprint holds
     rewritten[os.path.join(root, "train")]["samples"] = rewritten[os.path.join(root, "train")]["samples"][:3]
     (out / "dataset_cache.json").write_text(json.dumps(rewritten))
-    train, val, num_classes = build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out), train_crop_size=32))
+    train, val, num_classes = build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out), train_crop_size=32)))
     assert (len(train), len(val), num_classes) == (3, 2, 2)
     assert train[0][0].shape == (3, 32, 32)  # but the transform is today's
 
@@ -352,16 +354,16 @@ def test_cache_dataset_is_rebuilt_when_the_folder_changes(tmp_path):
     the folder is listed again (the old cache, keyed by the path only, trained 2 classes here)."""
     root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
     args = make_args(data_path=root, cache_dataset=True, output_dir=str(tmp_path))
-    assert build_datasets(args)[2] == 2
+    assert build_datasets(**dataset_options(args))[2] == 2
     for split, count in (("train", 2), ("val", 1)):
         os.makedirs(os.path.join(root, split, "class_2"))
         for i in range(count):
             noise_image(40, 40).save(os.path.join(root, split, "class_2", f"img_{i}.JPEG"))
-    train, val, num_classes = build_datasets(args)
+    train, val, num_classes = build_datasets(**dataset_options(args))
     assert (len(train), len(val), num_classes) == (6, 3, 3)
     extra = os.path.join(root, "train", "class_0", "img_9.JPEG")
     noise_image(40, 40).save(extra)
-    train = build_datasets(args)[0]
+    train = build_datasets(**dataset_options(args))[0]
     assert len(train) == 7 and (extra, 0) in train.samples
 
 
@@ -386,7 +388,7 @@ def test_cache_dataset_never_unpickles(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     torch.save(Payload(), out / "dataset_cache.json")
-    train, val, num_classes = build_datasets(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
+    train, val, num_classes = build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out))))
     assert not marker.exists() and (len(train), len(val), num_classes) == (4, 2, 2)
     assert json.loads((out / "dataset_cache.json").read_text())  # replaced by a listing
 
@@ -400,22 +402,22 @@ def test_links_to_files_are_followed_links_to_folders_refused(tmp_path):
     outside = tmp_path / "outside.JPEG"
     noise_image(40, 40).save(outside)
     os.symlink(outside, os.path.join(train_dir, "class_0", "linked.JPEG"))
-    train = build_datasets(make_args(data_path=root))[0]
+    train = build_datasets(**dataset_options(make_args(data_path=root)))[0]
     assert len(train) == 5 and (os.path.join(train_dir, "class_0", "linked.JPEG"), 0) in train.samples
 
     loop = os.path.join(train_dir, "class_0", "self")
     os.symlink(".", loop)
     with pytest.raises(DataError, match=rf"^{loop} is a link to the folder {train_dir}/class_0: links to folders are not followed"):
-        build_datasets(make_args(data_path=root))
+        build_datasets(**dataset_options(make_args(data_path=root)))
     os.remove(loop)
     os.symlink("../class_1", loop)
     with pytest.raises(DataError, match=rf"^{loop} is a link to the folder {train_dir}/class_1"):
-        build_datasets(make_args(data_path=root))
+        build_datasets(**dataset_options(make_args(data_path=root)))
     os.remove(loop)
     for split in ("train", "val"):  # class_2 -> class_0: the same images under two labels
         os.symlink("class_0", os.path.join(root, split, "class_2"))
     with pytest.raises(DataError, match=rf"^{train_dir}/class_2 is {train_dir}/class_0, a folder already listed"):
-        build_datasets(make_args(data_path=root))
+        build_datasets(**dataset_options(make_args(data_path=root)))
 
 
 def test_shard_sampler_counts_every_validation_image_once():

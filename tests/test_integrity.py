@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import cakd
-from cakd.taps import ViTTaps
+from cakd.teachers.vit import ViTTaps
 from conftest import tiny_vit
 
 
@@ -98,7 +98,7 @@ def test_teacher_maps_do_not_depend_on_the_fused_attention_path():
     block = teacher.encoder.layers[-1]
     x = block.ln_1(torch.randn(2, 37, 32))
     _, weights = block.self_attention(x, x, x, need_weights=True, average_attn_weights=False)
-    from cakd.taps import vit_score_maps
+    from cakd.teachers.vit import vit_score_maps
 
     full_qk, _ = vit_score_maps(torch.cat([x[:, :1], x], 1), block.self_attention)  # drop a dummy token
     q, k, _ = torch.nn.functional.linear(x, block.self_attention.in_proj_weight, block.self_attention.in_proj_bias).chunk(3, -1)

@@ -9,7 +9,9 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerB
 
 import cakd
 from cakd.models import architecture, student_layout
-from cakd.taps import SwinTaps, split_heads, swin_qkv, swin_scores, teacher_taps
+from cakd.taps import split_heads
+from cakd.teachers import teacher_taps
+from cakd.teachers.swin import SwinTaps, swin_qkv, swin_scores
 from cakd.train.trainer import main
 from conftest import tiny_vit
 

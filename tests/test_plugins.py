@@ -17,24 +17,26 @@ from test_train import ROOT, assert_same_state, free_port  # noqa: E402
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
-def plugin_source():
-    """The first python block of docs/extending.md: the plug-in file it shows."""
+def plugin_sources():
+    """The python blocks of docs/extending.md: the method's file and the teacher family's."""
     with open(os.path.join(ROOT, "docs", "extending.md")) as f:
-        return re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A folder outside the package holding my_kd.py, and an image folder beside it."""
+    """A folder outside the package holding my_kd.py and my_teachers.py, and an image folder."""
     root = tmp_path_factory.mktemp("user")
-    (root / "my_kd.py").write_text(plugin_source())
+    method, family = plugin_sources()
+    (root / "my_kd.py").write_text(method)
+    (root / "my_teachers.py").write_text(family)
     make_image_folder(str(root / "data"), num_classes=3, train_per_class=8, val_per_class=2, size=40)
     return root
 
 
 def flags(folder, out, epochs):
-    return ["--plugin", "my_kd", "--recipe", "my_kd", "--my-alpha", "0.7", "--device", "cpu", "--data-path", "data",
-            "--model", "resnet18", "--teacher", "vit_b_16", "--teacher-weights", "none", "--train-crop-size", "32",
+    return ["--plugin", "my_kd", "--plugin", "my_teachers", "--recipe", "my_kd", "--my-alpha", "0.7", "--device", "cpu",
+            "--data-path", "data", "--model", "resnet18", "--teacher", "tiny_vit_s16", "--teacher-weights", "none", "--train-crop-size", "32",
             "--val-resize-size", "32", "--val-crop-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", str(epochs),
             "--iters-per-epoch", "2", "--print-freq", "1", "--lr", "0.01", "--output-dir", out, "--resume", "auto"]
 
@@ -50,13 +52,13 @@ def test_a_plugin_method_trains_with_two_processes_resumes_exactly_and_evaluates
     assert whole.returncode == 0, whole.stderr[-2000:]
     first = launch(folder, flags(folder, "split", epochs=1))
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "my_kd recipe, resnet18 <- vit_b_16" in first.stdout
+    assert "my_kd recipe, resnet18 <- tiny_vit_s16" in first.stdout
     second = launch(folder, flags(folder, "split", epochs=2))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from split/checkpoint.pth: epoch 1, step 0" in second.stdout
 
     saved = torch.load(folder / "split" / "checkpoint.pth", weights_only=True)
-    assert saved["args"]["plugin"] == ["my_kd"] and saved["args"]["my_alpha"] == 0.7 and saved["epoch"] == 1
+    assert saved["args"]["plugin"] == ["my_kd", "my_teachers"] and saved["args"]["my_alpha"] == 0.7 and saved["epoch"] == 1
     assert_same_state(torch.load(folder / "whole" / "checkpoint.pth", weights_only=True)["model"], saved["model"])
     with open(folder / "split" / "metrics.jsonl") as f:
         metrics = [json.loads(line) for line in f]

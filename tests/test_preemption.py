@@ -42,13 +42,14 @@ def test_an_epoch_replays_from_any_position_with_any_workers(data):
     leaves the trainer's RNG where it was."""
     from cakd.train.config import parse_args
     from cakd.train.data import build_datasets, build_loaders
+    from cakd.train.trainer import dataset_options, loader_options
 
     args = parse_args(flags(data, "unused")[:-2])
-    train, val, classes = build_datasets(args)
+    train, val, classes = build_datasets(**dataset_options(args))
 
     def batches(workers, start=0, epoch=1):
         args.workers = workers
-        loader = build_loaders(train, val, classes, args, distributed=False)[0]
+        loader = build_loaders(train, val, classes, distributed=False, **loader_options(args))[0]
         loader.sampler.set_epoch(epoch)
         loader.sampler.start = start * args.batch_size
         return list(loader)

@@ -22,8 +22,9 @@ from torch.nn import functional as F
 
 from ..checkpoint import load_reference_state_dict
 from ..models import head_name, num_classes_of
-from ..taps import StudentTaps, profiled, teacher_taps
 from ..projectors import PartialCrossAttentionProjector
+from ..taps import StudentTaps, profiled
+from ..teachers import teacher_taps
 
 DISTILLERS = {}  # recipe name -> Distiller subclass, filled by register_distiller
 

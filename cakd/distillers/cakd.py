@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ..discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
-from ..models import CNN_STUDENTS, check_pair, student_layout
+from ..models import CNN_STUDENTS, student_layout
 from ..multiview import MultiViewGenerator
 from ..projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
-from ..taps import profiled, teacher_taps
+from ..taps import profiled
+from ..teachers import check_pair, family_of, teacher_taps
 from .base import Distiller, StudentWithProjectors, check_classes, mse, register_distiller, relative_mse
 from .logits import LogitsConfig
 
@@ -138,7 +139,7 @@ class CAKDDistiller(Distiller):
         paper_pca = config.use_pca and config.pca_form == "paper"
         released_maps = (config.use_pca and config.pca_form == "released") or patchgan
         taps = teacher_taps(teacher, image_size, attention=released_maps, tokens=True, qkv=paper_pca, fold=config.map_fold)
-        if type(student).__name__ in ("VisionTransformer", "SwinTransformer"):
+        if family_of(student) is not None:
             raise ValueError(f"the {cls.name} recipe distils into a CNN's feature map: use a CNN student ({', '.join(CNN_STUDENTS)})")
         layout = student_layout(student, image_size)
         stage, channels = layout.stage_for(taps.grid)

@@ -18,7 +18,8 @@ import yaml
 
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
-from ..models import STUDENTS, TEACHERS
+from ..models import student_names
+from ..teachers import TEACHERS
 from .errors import first_to_report
 from .optim import SCHEDULERS
 from .plugins import PluginError, load_plugins, plugins_in
@@ -154,9 +155,9 @@ def get_args_parser(add_help=True):
         "--student",
         default="resnet50",
         dest="model",
-        choices=STUDENTS,
+        choices=student_names(),
         metavar="NAME",
-        help=f"student model, a torchvision CNN (a ViT or Swin too for the baseline and logits recipes): {', '.join(STUDENTS)}",
+        help=f"student model, a torchvision CNN (a ViT or Swin too for the baseline and logits recipes): {', '.join(student_names())}",
     )
     g.add_argument("--teacher", default="vit_b_16", choices=TEACHERS, metavar="NAME", help=f"teacher model: {', '.join(TEACHERS)}")
     g.add_argument(
@@ -275,6 +276,12 @@ def get_args_parser(add_help=True):
     g.add_argument("--iters-per-epoch", default=0, type=int, help="stop each epoch after this many iterations (0: all)")
     g.add_argument("--dist-url", default="env://", type=str, help="url used to set up distributed training")
 
+    add_distiller_flags(p)
+    return p
+
+
+def add_distiller_flags(p):
+    """A flag per field of every registered recipe's config, with its comment as the help text."""
     g = p.add_argument_group(
         "distiller",
         "loss weights and switches; unset (or none) means the recipe's released value. In the cakd recipe lambda(epoch) "
@@ -293,7 +300,6 @@ def get_args_parser(add_help=True):
         else:
             kind = {int: int, "int": int, str: str, "str": str}.get(field.type, float)
             g.add_argument(flag, default=None, type=kind if kind is str else optional(kind), help=text)
-    return p
 
 
 # what a distiller number weighs, where the field's comment in cakd/distillers/ does not say it

@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from ..checkpoint import write_text_atomic
+from ..errors import CakdError
 from ..models import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler
 from .signals import worker_init
@@ -24,7 +25,7 @@ from .signals import worker_init
 _LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
 
 
-class DataError(Exception):
+class DataError(CakdError):
     """A problem with the data on disk, told in one line: what is wrong and what to do.
 
     A DataLoader worker's error comes back to the main process as
@@ -315,12 +316,11 @@ def _image_folder(split_dir, transform, cache_dir=None):
     return dataset
 
 
-def _cifar100(args, train_transform, val_transform):
-    """torchvision's own ``CIFAR100`` from ``args.data_path`` (its ``cifar-100-python/``), fetched
-    first with ``--download`` (by rank 0, the other ranks waiting)."""
-    root = args.data_path
+def _cifar100(root, download, train_transform, val_transform):
+    """torchvision's own ``CIFAR100`` from ``root`` (its ``cifar-100-python/``), fetched first
+    with ``download`` (by rank 0, the other ranks waiting)."""
     where = f"{root}/cifar-100-python/ (train, test, meta)"
-    if args.download:
+    if download:
         try:
             if not dist.is_initialized() or dist.get_rank() == 0:
                 torchvision.datasets.CIFAR100(root, train=True, download=True)
@@ -347,48 +347,52 @@ def _cifar100(args, train_transform, val_transform):
     return train, val
 
 
-def build_datasets(args):
-    """Return ``(train_dataset, val_dataset, num_classes)`` for ``args.dataset``."""
-    if args.dataset not in ("imagefolder", "cifar100", "synthetic"):
-        raise ValueError(f"unknown dataset {args.dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
-    interpolation = InterpolationMode(args.interpolation)
+def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224, val_crop_size=224, val_resize_size=256,
+                   interpolation="bilinear", auto_augment=None, ra_magnitude=9, augmix_severity=3, random_erase=0.0,
+                   num_classes=None, synthetic_size=1024, download=False, cache_dir=None):
+    """Return ``(train_dataset, val_dataset, num_classes)`` of ``dataset`` under ``data_path``,
+    through the recipe's presets (the augmentation arguments: :class:`ClassificationPresetTrain`).
+
+    ``num_classes``: the synthetic data's (1000 when None), a check of the folders' count else;
+    ``synthetic_size``: its training images; ``download``: fetch CIFAR-100 first; ``cache_dir``:
+    where an image folder's listing is cached (:func:`_image_folder`).
+    """
+    if dataset not in ("imagefolder", "cifar100", "synthetic"):
+        raise ValueError(f"unknown dataset {dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
+    interpolation = InterpolationMode(interpolation)
     train_transform = ClassificationPresetTrain(
-        crop_size=args.train_crop_size,
+        crop_size=train_crop_size,
         interpolation=interpolation,
-        auto_augment_policy=args.auto_augment,
-        ra_magnitude=args.ra_magnitude,
-        augmix_severity=args.augmix_severity,
-        random_erase_prob=args.random_erase,
-        padded_crop=32 if args.dataset == "cifar100" else None,
+        auto_augment_policy=auto_augment,
+        ra_magnitude=ra_magnitude,
+        augmix_severity=augmix_severity,
+        random_erase_prob=random_erase,
+        padded_crop=32 if dataset == "cifar100" else None,
     )
-    val_transform = ClassificationPresetEval(
-        crop_size=args.val_crop_size, resize_size=args.val_resize_size, interpolation=interpolation
-    )
-    if args.dataset == "synthetic":  # random images through the recipe's presets, for smoke and throughput runs
-        num_classes = 1000 if args.num_classes is None else args.num_classes
-        shape = (3, args.train_crop_size, args.train_crop_size)
-        train = torchvision.datasets.FakeData(args.synthetic_size, shape, num_classes, transform=train_transform)
-        val_size = max(1, args.synthetic_size // 4)
-        val = torchvision.datasets.FakeData(val_size, shape, num_classes, transform=val_transform, random_offset=args.synthetic_size)
-        return train, val, num_classes
-    if args.dataset == "cifar100":
-        if not args.data_path:
+    val_transform = ClassificationPresetEval(crop_size=val_crop_size, resize_size=val_resize_size, interpolation=interpolation)
+    if dataset == "synthetic":  # random images through the recipe's presets, for smoke and throughput runs
+        classes = 1000 if num_classes is None else num_classes
+        shape = (3, train_crop_size, train_crop_size)
+        train = torchvision.datasets.FakeData(synthetic_size, shape, classes, transform=train_transform)
+        val_size = max(1, synthetic_size // 4)
+        val = torchvision.datasets.FakeData(val_size, shape, classes, transform=val_transform, random_offset=synthetic_size)
+        return train, val, classes
+    if dataset == "cifar100":
+        if not data_path:
             raise DataError("no data path given: pass --data-path, the folder that holds (or, with --download, will hold) cifar-100-python/")
-        train, val = _cifar100(args, train_transform, val_transform)
+        train, val = _cifar100(data_path, download, train_transform, val_transform)
         return train, val, len(train.classes)
 
-    train_dir, val_dir = _check_layout(args.data_path)
-    cache_dir = args.output_dir if args.cache_dataset else None
+    train_dir, val_dir = _check_layout(data_path)
     train = _image_folder(train_dir, train_transform, cache_dir)
     val = _image_folder(val_dir, val_transform, cache_dir)
     check_images(val)
-    num_classes = len(train.classes)
-    if args.num_classes is not None and args.num_classes != num_classes:
+    if num_classes is not None and num_classes != len(train.classes):
         raise DataError(
-            f"--num-classes is {args.num_classes} but {train_dir} has {num_classes} class folders: "
+            f"--num-classes is {num_classes} but {train_dir} has {len(train.classes)} class folders: "
             "drop --num-classes (it is read from the folders) or fix the data"
         )
-    return train, val, num_classes
+    return train, val, len(train.classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,49 +488,52 @@ class MixupCutmixCollate:
         return self.transform(*default_collate(batch))
 
 
-def build_loaders(train_dataset, val_dataset, num_classes, args, distributed):
-    """Return ``(train_loader, val_loader, train_sampler)``.
+def build_loaders(train_dataset, val_dataset, num_classes, *, batch_size, workers=0, seed=0, distributed=False,
+                  ra_sampler=False, ra_reps=3, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """Return ``(train_loader, val_loader, train_sampler)``: ``batch_size`` images per process,
+    ``workers`` loader processes each, the repeated-augmentation sampler (``ra_reps`` copies of an
+    image) with ``ra_sampler``, MixUp/CutMix with either alpha above 0.
 
     Every train sampler has ``set_epoch`` and an order that is a pure function of
-    ``(args.seed, epoch)`` (a one-replica DistributedSampler when not distributed), so a
+    ``(seed, epoch)`` (a one-replica DistributedSampler when not distributed), so a
     resumed run sees the same epochs. The train loader draws each sample's augmentation and
     each batch's MixUp/CutMix from seeds of (seed, epoch, rank, position) (``seeds.py``): its
     ``sampler`` is the :class:`SeededSampler` around ``train_sampler`` (``set_epoch`` it, and its
     ``start`` resumes mid-epoch). Loader workers outlive a SIGTERM (``signals.worker_init``).
     """
-    if args.ra_sampler:
-        train_sampler = RASampler(train_dataset, shuffle=True, seed=args.seed, repetitions=args.ra_reps)
+    if ra_sampler:
+        train_sampler = RASampler(train_dataset, shuffle=True, seed=seed, repetitions=ra_reps)
     elif distributed:
-        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed)
+        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=seed)
     else:
-        train_sampler = DistributedSampler(train_dataset, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
+        train_sampler = DistributedSampler(train_dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
     val_sampler = ShardSampler(val_dataset) if distributed else SequentialSampler(val_dataset)
 
     collate_fn = None
-    if args.mixup_alpha > 0 or args.cutmix_alpha > 0:
-        collate_fn = MixupCutmixCollate(num_classes, mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha)
+    if mixup_alpha > 0 or cutmix_alpha > 0:
+        collate_fn = MixupCutmixCollate(num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
 
     pin_memory = torch.cuda.is_available()
     rank = getattr(train_sampler, "rank", 0)
     train_loader = DataLoader(
         SeededDataset(train_dataset),
-        batch_size=args.batch_size,
-        sampler=SeededSampler(train_sampler, seed=args.seed, rank=rank),
-        num_workers=args.workers,
+        batch_size=batch_size,
+        sampler=SeededSampler(train_sampler, seed=seed, rank=rank),
+        num_workers=workers,
         pin_memory=pin_memory,
         collate_fn=SeededCollate(collate_fn),
         drop_last=False,
         persistent_workers=False,
         worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(args.seed),  # worker seeds: not from the trainer's RNG
+        generator=torch.Generator().manual_seed(seed),  # worker seeds: not from the trainer's RNG
     )
     val_loader = DataLoader(
         val_dataset,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         sampler=val_sampler,
-        num_workers=args.workers,
+        num_workers=workers,
         pin_memory=pin_memory,
         worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
     return train_loader, val_loader, train_sampler

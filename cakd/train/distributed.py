@@ -1,4 +1,5 @@
 """torchrun environment, rank helpers and the few collectives the trainer needs."""
+import dataclasses
 import datetime
 import os
 
@@ -6,33 +7,42 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed_mode(args):
-    """Set ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.gpu`` from torchrun's env.
+@dataclasses.dataclass(frozen=True)
+class DistributedMode:
+    """What :func:`init_distributed_mode` found: this process's ``rank`` of ``world_size``, the
+    ``device`` it runs on, and whether a process group joins them (``distributed``)."""
 
-    NCCL on CUDA devices, gloo on the CPU. A plain ``python -m cakd.train`` runs as one process.
+    distributed: bool
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed_mode(device="cpu", dist_url="env://"):
+    """Join torchrun's (or SLURM's) process group, if any; returns the :class:`DistributedMode`.
+
+    ``device``: ``cuda`` becomes ``cuda:<local rank>`` in a process group. NCCL on CUDA devices,
+    gloo on the CPU. A plain ``python -m cakd.train`` runs as one process.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        gpu = int(os.environ.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+        gpu = rank % max(torch.cuda.device_count(), 1)
     else:
-        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
-        return
-    args.distributed = True
-    cuda = args.device.startswith("cuda")
+        return DistributedMode(False, 0, 1, torch.device(device))
+    cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
+        torch.cuda.set_device(gpu)
+        device = f"cuda:{gpu}"
     backend = "nccl" if cuda else "gloo"
-    kwargs = {"device_id": torch.device(args.device)} if cuda else {}  # NCCL then knows its GPU
-    store = attempt_store() if args.dist_url == "env://" else None
-    kwargs.update({"store": store} if store is not None else {"init_method": args.dist_url})
-    dist.init_process_group(backend=backend, world_size=args.world_size, rank=args.rank, **kwargs)
+    kwargs = {"device_id": torch.device(device)} if cuda else {}  # NCCL then knows its GPU
+    store = attempt_store() if dist_url == "env://" else None
+    kwargs.update({"store": store} if store is not None else {"init_method": dist_url})
+    dist.init_process_group(backend=backend, world_size=world_size, rank=rank, **kwargs)
     dist.barrier()
+    return DistributedMode(True, rank, world_size, torch.device(device))
 
 
 def attempt_store():

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from ..corruptions import VIEW_PROTOCOLS
+from ..errors import CakdError
 from .data import ShardSampler
 from .distributed import all_reduce_sum, any_rank, average_gradients
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
 from .signals import sigterm_held
 
 
-class TrainingError(Exception):
+class TrainingError(CakdError):
     """A run that cannot go on (a non-finite loss); the message says what to do."""
 
 
@@ -101,16 +102,21 @@ def unlearned_parameters(distiller, image_size, device, memory_format=torch.cont
     return names
 
 
-def train_one_epoch(run, epoch, start_step=0):
-    """Train ``run`` (a :class:`cakd.train.Run`) for one epoch from ``start_step``.
+def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0, disc_optimizer=None, scaler=None,
+                    amp_dtype=None, clip_grad_norm=None, memory_format=torch.contiguous_format, ema=None, ema_steps=1,
+                    ema_warmup_epochs=0, iters_per_epoch=0, print_freq=10, tensorboard=None, stop=None, checkpoint_kept=None):
+    """Train ``distiller`` for one epoch of ``loader`` from ``start_step`` (:func:`training_step`).
 
-    Returns ``(next_step, averages)``: the next step to run if a stop was requested (else
-    None), and the epoch's loss and accuracy averages over all ranks. Loss values are read
-    back from the device only every ``print_freq`` iterations; a stop requested in the last
-    one lets the epoch end (the trainer saves it and stops there). Sets ``run.loss_growth``
-    (:func:`loss_growth`).
+    ``ema``: updated every ``ema_steps`` iterations, a copy of the weights before epoch
+    ``ema_warmup_epochs``; ``iters_per_epoch``: a cap (0: the whole loader); ``tensorboard``:
+    the training scalars every ``print_freq`` iterations; ``stop``: a :class:`signals.StopRequest`;
+    ``checkpoint_kept``: what a run that stops now leaves, in words, for the non-finite error.
+
+    Returns ``(next_step, averages, loss_growth)``: the next step to run if a stop was requested
+    (else None), the epoch's loss and accuracy averages over all ranks, and :func:`loss_growth`.
+    Loss values are read back from the device only every ``print_freq`` iterations; a stop
+    requested in the last one lets the epoch end (the trainer saves it and stops there).
     """
-    args, distiller, device = run.args, run.distiller, run.device
     distiller.train()
     logger = MetricLogger()
     logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
@@ -118,35 +124,25 @@ def train_one_epoch(run, epoch, start_step=0):
     lam = distiller.distill_weight(epoch)
     if distiller.logs_distill_weight:  # the weight of the distillation terms printed beside them
         logger.add_meter("lambda", TensorMeter(window=1, fmt="{value:.3f}"))
-    total = len(run.train_loader) + start_step
-    if args.iters_per_epoch:
-        total = min(total, args.iters_per_epoch)
+    total = len(loader) + start_step
+    if iters_per_epoch:
+        total = min(total, iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    first_loss = None  # for run.loss_growth, which run.save checks
+    first_loss = None  # for loss_growth, which the trainer checks before saving
     header = f"Epoch: [{epoch}]"
     with sigterm_held():  # the workers start here
-        batches = itertools.islice(run.train_loader, total - start_step)
+        batches = itertools.islice(loader, total - start_step)
     window_images, window_start = 0, time.time()
-    for i, (images, targets) in logger.log_every(batches, args.print_freq, header, total=total, start=start_step):
-        images = images.to(device, non_blocking=True, memory_format=run.memory_format)
+    for i, (images, targets) in logger.log_every(batches, print_freq, header, total=total, start=start_step):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         step_count = epoch * total + i  # global iteration: the same after a resume
-        losses = training_step(
-            distiller,
-            images,
-            targets,
-            epoch,
-            run.optimizer,
-            run.disc_optimizer,
-            run.scaler,
-            amp_dtype=run.amp_dtype,
-            clip_grad_norm=args.clip_grad_norm,
-            global_step=step_count,
-        )
-        if run.ema is not None and i % args.model_ema_steps == 0:
-            run.ema.update_parameters(distiller.student)
-            if epoch < args.lr_warmup_epochs:
-                run.ema.n_averaged.fill_(0)  # keep copying the weights during warmup
+        losses = training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype,
+                               clip_grad_norm=clip_grad_norm, global_step=step_count)
+        if ema is not None and i % ema_steps == 0:
+            ema.update_parameters(distiller.student)
+            if epoch < ema_warmup_epochs:
+                ema.n_averaged.fill_(0)  # keep copying the weights during warmup
 
         detached = {name: value.detach() for name, value in losses.items()}
         if first_loss is None:
@@ -155,13 +151,13 @@ def train_one_epoch(run, epoch, start_step=0):
         logger.update(n=images.shape[0], **{f"loss_{k}" if k != "total" else "loss": v for k, v in detached.items()})
         acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
         logger.update(n=images.shape[0], acc1=acc1, acc5=acc5)
-        logger.meters["lr"].update(run.optimizer.param_groups[0]["lr"])
+        logger.meters["lr"].update(optimizer.param_groups[0]["lr"])
         if "lambda" in logger.meters:
             logger.meters["lambda"].update(lam)
         window_images += images.shape[0]
 
         last = i == total - 1
-        if i % args.print_freq == 0 or last:
+        if i % print_freq == 0 or last:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the steps queued so far are done: img/s is true
             now = time.time()
@@ -169,21 +165,22 @@ def train_one_epoch(run, epoch, start_step=0):
             window_images, window_start = 0, now
             if any_rank(bool(nonfinite.item()), device):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in detached.items())
+                kept = f"; {checkpoint_kept()}" if checkpoint_kept is not None else ""
                 raise TrainingError(
-                    f"non-finite loss in epoch {epoch} by iteration {i} ({values}); {run.checkpoint_kept()}: "
+                    f"non-finite loss in epoch {epoch} by iteration {i} ({values}){kept}: "
                     "lower --lr, set --clip-grad-norm, or check the data"
                 )
             scalars = {name: logger.meters[name].avg for name in logger.meters if name.startswith("loss")}
-            scalars.update({"lambda": lam, "lr": run.optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
-            if run.disc_optimizer is not None:
-                scalars["disc_lr"] = run.disc_optimizer.param_groups[0]["lr"]
-            run.tensorboard.scalars(scalars, step_count, prefix="train/")
-            if not last and any_rank(run.stop.requested, device):
-                run.loss_growth = loss_growth(first_loss, logger.meters["loss"], device)
-                return i + 1, {}
-    run.loss_growth = loss_growth(first_loss, logger.meters["loss"], device)
+            scalars.update({"lambda": lam, "lr": optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
+            if disc_optimizer is not None:
+                scalars["disc_lr"] = disc_optimizer.param_groups[0]["lr"]
+            if tensorboard is not None:
+                tensorboard.scalars(scalars, step_count, prefix="train/")
+            if not last and any_rank(stop is not None and stop.requested, device):
+                return i + 1, {}, loss_growth(first_loss, logger.meters["loss"], device)
+    growth = loss_growth(first_loss, logger.meters["loss"], device)
     names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
-    return None, logger.global_averages(names, device)
+    return None, logger.global_averages(names, device), growth
 
 
 def loss_growth(first, meter, device):

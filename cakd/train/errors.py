@@ -1,4 +1,5 @@
-"""Bad input ends with one line: what is wrong and what to do, on stderr, exit status 1.
+"""Bad input ends with one line: what is wrong and what to do, on stderr, exit status 1
+(:func:`run_and_report`, around the trainer and every script).
 
 Under torchrun the line is said once per run, not once per rank: the first process to fail
 claims it in the agent's store (``first_to_report``); the others exit quietly with the same status.
@@ -8,8 +9,10 @@ import os
 import re
 import sys
 
+from ..errors import CakdError
 
-class UserError(Exception):
+
+class UserError(CakdError):
     """Bad input: printed as one line, exit status 1."""
 
 
@@ -47,7 +50,18 @@ def first_to_report():
         return True
 
 
-def print_error(error, args=None):
+def print_error(error):
     """``error: <one line>`` on stderr, by the first process of the run to fail."""
     if first_to_report():
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+
+
+def run_and_report(body, args):
+    """Call ``body(args)``: exit status 0, or 1 after one ``error:`` line for a
+    :class:`~cakd.errors.CakdError`. The one catch of the trainer and of every script."""
+    try:
+        body(args)
+        return 0
+    except CakdError as error:
+        print_error(error)
+        return 1

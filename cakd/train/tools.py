@@ -1,95 +1,56 @@
-"""What the scripts around a run share (``scripts/evaluate.py``, ``export.py``,
-``attention_maps.py``, ``summarize.py``): reading "whatever the user points at" as a student,
-its EMA, its projectors or its teacher; the validation folder with the recipe's eval preset;
-the seed README's published numbers; and the one-line error convention of the trainer.
+"""What the scripts around a run share (``scripts/*.py``): their common flags, declared once;
+"whatever the user points at" (:class:`checkpoints.SourceCheckpoint`) as a student, its EMA, its
+projectors or its teacher; the validation folder with the recipe's eval preset. Each script's
+``main`` is ``run_and_report(run, parser.parse_args(argv))`` (:func:`errors.run_and_report`).
 """
-import argparse
 import os
 
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ..checkpoint import StateMismatch, _strip_prefix, load_strict, split_reference_state_dict
+from ..checkpoint import load_strict
 from ..distillers import build_distiller
 from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
 from .config import distiller_option_fields
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
-from .errors import UserError, one_line, print_error
-from .resume import CheckpointError, load_checkpoint
-
-# The seed README of the released code (its "Performance on
-# ImageNet"): ResNet-50 student, ViT-B/16 teacher, the released recipes; top-1, top-5 in %.
-PUBLISHED_SOURCE = "seed README of the released code, ImageNet val, ResNet-50 <- ViT-B/16"
-PUBLISHED = {
-    "baseline": (73.82, 91.97),
-    "logits": (74.48, 92.29),
-    "cakd": (76.21, 93.09),
-}
+from .errors import UserError, one_line
 
 # The eval preset of the three recipes (configs/*.yaml), for files that carry no flags.
 RECIPE_EVAL = {"val_resize_size": 224, "val_crop_size": 224, "interpolation": "bilinear"}
 DEFAULTS = {"model": "resnet50", "teacher": "vit_b_16", "teacher_weights": "IMAGENET1K_V1", "batch_size": 32, "seed": 0, "train_crop_size": 224}
 
+# The flags the scripts share: one spelling, alias, default and meaning everywhere. A value left
+# out is the run's (the flag saved in the checkpoint), else the recipes' (:func:`pick`).
+SHARED_FLAGS = {
+    "checkpoint": (("--checkpoint",), dict(
+        default=None, help="a training checkpoint (checkpoint.pth, model_N.pth), an exported student .pth or a released-code checkpoint")),
+    "data_path": (("--data-path",), dict(
+        default=None, help="folder with val/<class>/, or the val folder itself (default: the run's)")),
+    "model": (("--model", "--student"), dict(
+        dest="model", default=None, help=f"student architecture (default: the run's, else inferred from the weights, else {DEFAULTS['model']})")),
+    "teacher": (("--teacher",), dict(default=None, help=f"teacher architecture (default: the run's, else {DEFAULTS['teacher']})")),
+    "teacher_weights": (("--teacher-weights",), dict(
+        default=None, help=f"IMAGENET1K_V1, a .pth file, or none (default: the run's, else {DEFAULTS['teacher_weights']})")),
+    # where there is a GPU it is what a user wants; where there is none, the only choice
+    "device": (("--device",), dict(
+        default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: cuda when one is visible, else cpu)")),
+}
 
-class SourceCheckpoint:
-    """One checkpoint file, read once, whatever produced it.
 
-    ``kind``: ``"cakd"`` (a training checkpoint of this package: ``model``, ``projectors``,
-    ``model_ema``, ...), ``"released"`` (the authors' code: student and projector keys in one
-    ``model`` state dict) or ``"student"`` (a plain torchvision state dict, e.g. an export).
-    ``args``: the flags the run was trained with, as a dict (empty when the file has none).
-    """
+def add_shared_flags(parser, *names, required=(), **meanings):
+    """Declare the shared flags ``names`` (keys of :data:`SHARED_FLAGS`) on ``parser``. Those in
+    ``required`` must be given; ``meanings``: a script's own help for a flag (its default stays)."""
+    for name in names:
+        spellings, options = SHARED_FLAGS[name]
+        options = {**options, "help": meanings.get(name, options["help"]), **({"required": True} if name in required else {})}
+        parser.add_argument(*spellings, **options)
 
-    def __init__(self, path):
-        self.path = path
-        try:
-            # the released code saved its argparse.Namespace; allow that one class, nothing else
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                contents = load_checkpoint(path, training=False)
-        except CheckpointError as error:
-            raise UserError(str(error).replace("the path given to --resume", "the path")) from None
-        if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
-            self.kind = "cakd" if "projectors" in contents else "released"
-        elif _is_state_dict(contents):
-            self.kind = "student"
-        else:
-            raise UserError(
-                f"{path} is neither a cakd checkpoint, a released-code checkpoint nor a student state dict"
-            )
-        self.contents = contents
-        args = contents.get("args") if self.kind != "student" else None
-        self.args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
 
-    def student_state(self, which="student"):
-        """The torchvision student's state dict: the trained weights or their EMA."""
-        if which not in ("student", "ema"):
-            raise ValueError(f"which must be 'student' or 'ema', not {which!r}")
-        if self.kind == "student":
-            if which == "ema":
-                raise UserError(f"{self.path} is a plain student state dict: it has no EMA (use --which student)")
-            return dict(self.contents)
-        source = self.contents["model"] if which == "student" else self.contents.get("model_ema")
-        if source is None:
-            raise UserError(f"{self.path} has no EMA: the run was trained without --model-ema (use --which student)")
-        if which == "ema":
-            source = _unwrap_ema(source)
-        if self.kind == "released":
-            return split_reference_state_dict(source)[0]
-        return dict(source)
-
-    def projector_state(self):
-        """The attention, group-wise and token projectors, keyed as in ``StudentWithProjectors``
-        (empty for a baseline or logits run, or an exported student)."""
-        if self.kind == "cakd":
-            return dict(self.contents.get("projectors") or {})
-        if self.kind == "released":
-            return split_reference_state_dict(self.contents["model"])[1]
-        return {}
-
-    def recipe(self):
-        """The recipe the run was trained with (a released-code checkpoint with projectors: cakd)."""
-        saved = self.args.get("recipe")
-        return saved or ("cakd" if self.projector_state() else "baseline")
+def check_device(name):
+    """``--device`` as a torch.device; a CUDA device where none is visible is one error line."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA device is visible: pass --device cpu")
+    return torch.device(name)
 
 
 def pick(checkpoint, name, flag=None):
@@ -100,15 +61,6 @@ def pick(checkpoint, name, flag=None):
     if checkpoint is not None and checkpoint.args.get(name) is not None:
         return checkpoint.args[name]
     return RECIPE_EVAL.get(name, DEFAULTS.get(name))
-
-
-def _is_state_dict(obj):
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _unwrap_ema(state):
-    """An ``AveragedModel`` state dict (``n_averaged`` plus ``module.*``) as the module's own."""
-    return _strip_prefix({k: v for k, v in state.items() if k != "n_averaged"})
 
 
 def load_student(checkpoint, which="student", model=None):
@@ -252,13 +204,3 @@ def check_class_count(num_classes, dataset, what):
             f"{what} predicts {num_classes} classes but {dataset.root} has {found} class folders: "
             "evaluate on the dataset it was trained for"
         )
-
-
-def run_and_report(body, args):
-    """Call ``body(args)``; bad input ends with one ``error:`` line on stderr and status 1."""
-    try:
-        body(args)
-        return 0
-    except (UserError, DataError, CheckpointError, StateMismatch) as error:
-        print_error(error, args)
-        return 1

@@ -10,7 +10,6 @@ import os
 import random
 import signal
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -18,17 +17,19 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import StateMismatch, save_atomic
+from ..checkpoint import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
-from ..models import build_student, build_teacher, check_teacher_input, no_weights
+from ..models import build_student, no_weights
+from ..teachers import build_teacher, check_teacher_input
 from .config import distiller_overrides, parse_args, save_config, saved_args
-from .data import DataError, build_datasets, build_loaders
+from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
+from .data import build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
-from .errors import UserError, first_to_report, one_line, print_error
+from .errors import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
-from .resume import EPOCH_END_ONLY, CheckpointError, capture_rng_state, load_checkpoint, refused_change, restore_rng_state
+from .resume import EPOCH_END_ONLY, refused_change
 from .rundir import claim
 from .signals import StopRequest
 
@@ -40,9 +41,8 @@ class Run:
         self.args = args
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.stop = StopRequest()
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
-        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_one_epoch)
+        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_epoch)
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
         method = distiller_class(args.recipe)
@@ -56,10 +56,10 @@ class Run:
                 method.check_pair(args.model, args.teacher, args.train_crop_size)
             except ValueError as error:
                 raise UserError(str(error)) from None
-        train_set, val_set, num_classes = build_datasets(args)
+        train_set, val_set, num_classes = build_datasets(**dataset_options(args))
         self.num_classes = num_classes
-        self.train_loader, self.val_loader, self.train_sampler = build_loaders(
-            train_set, val_set, num_classes, args, args.distributed
+        self.train_loader, self.val_loader, _ = build_loaders(
+            train_set, val_set, num_classes, distributed=args.distributed, **loader_options(args)
         )
 
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -184,26 +184,14 @@ class Run:
             raise UserError(str(error)) from None
 
     # ---- checkpoints -------------------------------------------------------------
+    def parts(self):
+        """What a checkpoint saves of this run (:class:`checkpoints.Parts`)."""
+        return Parts(self.distiller, self.optimizer, self.lr_scheduler, self.disc_optimizer, self.disc_lr_scheduler,
+                     self.scaler, self.ema)
+
     def state(self, epoch, step=None):
         """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
-        d = self.distiller
-        projectors = d.trainable.projector_state_dict()
-        optional = lambda obj: obj.state_dict() if obj is not None else None  # noqa: E731
-        return {
-            "model": d.student.state_dict(),
-            "projectors": projectors,
-            "discriminator": optional(d.discriminator),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "disc_optimizer": optional(self.disc_optimizer),
-            "disc_lr_scheduler": optional(self.disc_lr_scheduler),
-            "scaler": optional(self.scaler),
-            "model_ema": optional(self.ema),
-            "epoch": epoch,
-            "step": step,
-            "args": saved_args(self.args),
-            "rng": dist_utils.all_gather_object(capture_rng_state()),
-        }
+        return self.parts().state_dict(epoch, step, saved_args(self.args), dist_utils.all_gather_object(capture_rng_state()))
 
     def save(self, epoch, step=None):
         """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
@@ -241,7 +229,7 @@ class Run:
         """Why ``state`` must not replace the last checkpoint, or None: non-finite weights,
         buffers or optimizer state (a NaN guard on the loss alone misses them), or a training
         loss that grew ``--max-loss-growth`` times over the epoch's first value."""
-        for key in ("model", "projectors", "discriminator", "optimizer", "disc_optimizer", "model_ema"):
+        for key in LEARNED:
             tensors = [t for t in _tensors(state[key]) if t.is_floating_point()]
             if tensors and not all(torch.isfinite(t).all() for t in tensors):
                 return f"non-finite values in the {key} state"
@@ -262,53 +250,18 @@ class Run:
 
     def restore(self, path):
         """Load a checkpoint; returns (first epoch, first step) to run."""
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError as error:
-            raise UserError(str(error)) from None
+        ckpt = read(path)
         saved = ckpt["args"]
         for key in ("recipe", "model", "teacher"):
             if key in saved and saved[key] != getattr(self.args, key):
                 raise UserError(f"{path} was trained with --{key} {saved[key]}, not {getattr(self.args, key)}")
-        try:
-            self._load_states(ckpt, path)
-        except (RuntimeError, ValueError, KeyError) as error:  # shapes or keys of other flags
-            raise UserError(
-                f"{path} does not fit this run ({textwrap.shorten(one_line(error), 300, placeholder=' ...')}): "
-                "resume with the flags it was trained with (its config.yaml)"
-            ) from None
+        self.parts().load(ckpt, path, test_only=self.args.test_only)
         if self.args.test_only:
             return ckpt["epoch"], 0
-        rng = ckpt.get("rng") or []
-        if len(rng) == self.args.world_size:
-            restore_rng_state(rng[self.args.rank])
-        else:
-            print_main(f"note: {path} was written by {len(rng)} processes, not {self.args.world_size}: RNG streams restart")
-        if ckpt.get("step") is not None:
-            return ckpt["epoch"], ckpt["step"]
-        return ckpt["epoch"] + 1, 0
-
-    def _load_states(self, ckpt, path):
-        d = self.distiller
-        d.student.load_state_dict(ckpt["model"])
-        if self.args.test_only:
-            if self.ema is not None and ckpt.get("model_ema") is not None:
-                self.ema.load_state_dict(ckpt["model_ema"])
-            return
-        d.trainable.load_state_dict(d.trainable.joined(ckpt["model"], ckpt["projectors"]))
-        for obj, key in (
-            (d.discriminator, "discriminator"),
-            (self.optimizer, "optimizer"),
-            (self.lr_scheduler, "lr_scheduler"),
-            (self.disc_optimizer, "disc_optimizer"),
-            (self.disc_lr_scheduler, "disc_lr_scheduler"),
-            (self.scaler, "scaler"),
-            (self.ema, "model_ema"),
-        ):
-            if obj is not None:
-                if ckpt.get(key) is None:
-                    raise UserError(f"{path} holds no {key} state, which this run needs: resume with the same flags")
-                obj.load_state_dict(ckpt[key])
+        written = restore_rng(ckpt, self.args.rank, self.args.world_size)
+        if written != self.args.world_size:
+            print_main(f"note: {path} was written by {written} processes, not {self.args.world_size}: RNG streams restart")
+        return next_position(ckpt)
 
     def header(self):
         """What this run is: recipe, pair, batch, epochs, and when lambda is non-zero."""
@@ -321,7 +274,23 @@ class Run:
             line += "\n  " + schedule
         return line
 
-    # ---- evaluation ----------------------------------------------------------------
+    # ---- training and evaluation -----------------------------------------------------
+    def train_epoch(self, epoch, start_step, stop):
+        """Epoch ``epoch`` from ``start_step`` (:func:`engine.train_one_epoch`) until its end or
+        ``stop``; returns ``(next step or None, averages)`` and keeps the loss growth :meth:`diverged` checks."""
+        a, sampler = self.args, self.train_loader.sampler  # seeds.SeededSampler
+        sampler.set_epoch(epoch)
+        sampler.start = start_step * a.batch_size  # a mid-epoch resume: what was trained is left out
+        next_step, averages, self.loss_growth = train_one_epoch(
+            self.distiller, self.train_loader, self.optimizer, epoch, self.device, start_step=start_step,
+            disc_optimizer=self.disc_optimizer, scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=a.clip_grad_norm,
+            memory_format=self.memory_format, ema=self.ema, ema_steps=a.model_ema_steps, ema_warmup_epochs=a.lr_warmup_epochs,
+            iters_per_epoch=a.iters_per_epoch, print_freq=a.print_freq, tensorboard=self.tensorboard, stop=stop,
+            checkpoint_kept=self.checkpoint_kept,
+        )
+        sampler.start = 0
+        return next_step, averages
+
     def evaluate(self):
         """Top-1/top-5 of the student (and its EMA) on the validation set, each with rank 0's
         BatchNorm statistics (:meth:`log_attention_maps` draws the maps afterwards)."""
@@ -343,6 +312,23 @@ class Run:
                 self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
             )
         return results
+
+
+def flag_values(args, *names):
+    """``{name: args.name}``: flags passed on as the keyword arguments of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
+def dataset_options(args):
+    """The data flags, as :func:`build_datasets` takes them."""
+    names = ("dataset", "data_path", "train_crop_size", "val_crop_size", "val_resize_size", "interpolation", "auto_augment",
+             "ra_magnitude", "augmix_severity", "random_erase", "num_classes", "synthetic_size", "download")
+    return {**flag_values(args, *names), "cache_dir": args.output_dir if args.cache_dataset else None}
+
+
+def loader_options(args):
+    """The loader flags, as :func:`build_loaders` takes them (``distributed`` aside: torchrun's, not a flag)."""
+    return flag_values(args, "batch_size", "workers", "seed", "ra_sampler", "ra_reps", "mixup_alpha", "cutmix_alpha")
 
 
 def schedule_options(args):
@@ -372,7 +358,9 @@ def train(args):
         stop.install()  # first: from now on a SIGTERM or a first Ctrl-C saves
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
-    dist_utils.init_distributed_mode(args)
+    found = dist_utils.init_distributed_mode(args.device, args.dist_url)
+    # onto the namespace, which Run reads: config.yaml and the checkpoint keep world_size and device (a resume checks the first)
+    args.distributed, args.rank, args.world_size, args.device = found.distributed, found.rank, found.world_size, str(found.device)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts:
         print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
@@ -406,10 +394,7 @@ def claim_output_dir(args):
 def check_resume(args):
     """Refuse, before anything is written, a resume whose flags would change the training it
     resumes (:func:`resume.refused_change`): what a run records is what it runs."""
-    try:
-        checkpoint = load_checkpoint(args.resume, mmap=True)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
+    checkpoint = read(args.resume, mmap=True)
     step = checkpoint.get("step")
     released = dataclasses.asdict(distiller_class(args.recipe).config_class())
     change = refused_change(checkpoint["args"], args, step is not None, released)
@@ -441,7 +426,6 @@ def _train(args, stop):
     if args.output_dir and not args.test_only and dist_utils.is_main_process():  # the checks passed: what runs
         save_config(args, os.path.join(args.output_dir, "config.yaml"))
     run = Run(args)
-    run.stop = stop
     if not args.test_only:
         print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
@@ -466,12 +450,9 @@ def _train(args, stop):
     print_main("Start training")
     start_time = time.time()
     results = {}
-    sampler = run.train_loader.sampler  # seeds.SeededSampler
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        sampler.start = start_step * args.batch_size  # a mid-epoch resume: what was trained is left out
-        next_step, train_stats = train_one_epoch(run, epoch, start_step)
-        sampler.start = start_step = 0
+        next_step, train_stats = run.train_epoch(epoch, start_step, stop)
+        start_step = 0
         if next_step is not None:
             run.save(epoch, step=next_step)
             print_main(f"{stop.reason}: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
@@ -490,7 +471,7 @@ def _train(args, stop):
             record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if epoch + 1 < args.epochs and dist_utils.any_rank(run.stop.requested, run.device):
+        if epoch + 1 < args.epochs and dist_utils.any_rank(stop.requested, run.device):
             print_main(f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
             run.tensorboard.close()
             return results
@@ -527,8 +508,6 @@ def resume_path(args):
 
 def _student_weights(path):
     """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
-    from .tools import SourceCheckpoint
-
     return SourceCheckpoint(path).student_state("student")
 
 
@@ -547,13 +526,9 @@ def main(argv=None):
     args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # train() takes them over
     try:
-        train(args)
-        return 0
-    except (UserError, DataError, TrainingError, StateMismatch) as error:
-        print_error(error, args)
-        return 1
+        return run_and_report(train, args)
     except KeyboardInterrupt:  # a second Ctrl-C (the first saves), or one where nothing is saved
-        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"), args)
+        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"))
         return 130
     except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
         if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
