@@ -9,7 +9,8 @@ from torchvision.models import SwinTransformer
 
 from ..losses import irg_loss
 from ..models import student_layout
-from ..taps import FeatureTaps, teacher_taps
+from ..taps import FeatureTaps
+from ..teachers import teacher_taps
 from .base import BaselineConfig, Distiller, check_classes, register_distiller
 from .rkd import StudentFeatures
 

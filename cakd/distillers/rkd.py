@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 from ..losses import rkd_loss
 from ..models import head_name
-from ..taps import FeatureTaps, teacher_taps
+from ..taps import FeatureTaps
+from ..teachers import teacher_taps
 from .base import BaselineConfig, Distiller, StudentWithProjectors, register_distiller
 
 
