@@ -1,5 +1,6 @@
 """A markdown table of run directories' top-1/top-5 next to the published numbers of the same
-dataset, recipe, student and teacher (the released code's README, the paper's Tables 1-3), and
+dataset, recipe, student and teacher (the released code's README, the paper's Tables 1-3 and
+Figure 3(a)'s ablation columns), and
 optionally a PNG of top-1 per epoch.
 
     python scripts/summarize.py runs/baseline runs/logits runs/cakd [--plot top1.png]
@@ -26,7 +27,7 @@ import yaml
 from cakd.train.config import HelpFormatter
 from cakd.train.errors import UserError, run_and_report
 from cakd.train.figures import pyplot, save
-from cakd.train.published import published
+from cakd.train.published import PAPER, figure3, figure3_column, published
 from cakd.train.tools import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
@@ -126,8 +127,19 @@ def other_data(run):
 
 
 def published_for(run):
-    """The published numbers of ``run``'s dataset, recipe and pair, none for other data."""
-    return [] if other_data(run) else published(run["dataset"], run["recipe"], run["model"], run["teacher"])
+    """The published numbers of ``run``'s dataset, recipe and pair, none for other data. An
+    ImageNet run of one of Figure 3's ablation columns gets the figure's number: C2 and C3 (with
+    C4, C3 evaluated with noise) instead of Table 2's CAKD cell, C6 also C5 (evaluated with noise)."""
+    if other_data(run):
+        return []
+    numbers = published(run["dataset"], run["recipe"], run["model"], run["teacher"])
+    column = figure3_column(run["config"]) if run["dataset"] in (None, "imagefolder", "imagenet") else None
+    if column in ("C2", "C3"):
+        numbers = []
+    if column in ("C2", "C3", "C6"):
+        figure = figure3(run["model"], run["teacher"], column)
+        numbers = numbers + [(f"{PAPER} Figure 3 {label}", top1, None) for label, top1 in figure if label != "C6"]
+    return numbers
 
 
 def best_and_final(run, metric):

@@ -127,6 +127,8 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     "paper_setup": PAPER_IMAGENET,
     "cakd_paper": PAPER_IMAGENET,
     "kd": PAPER_IMAGENET,
+    "rkd": PAPER_IMAGENET,
+    "irg": PAPER_IMAGENET,
     "ablation_logits": PAPER_IMAGENET,
     "ablation_gl": PAPER_IMAGENET,
     "ablation_pca": PAPER_IMAGENET,
@@ -134,6 +136,8 @@ EXPECTED = {  # one row per configs/*.yaml: a new YAML needs its row here
     # CIFAR-100 (paper.md): images resized to the teacher's 224 input for training and evaluation
     "cifar100_baseline": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_logits": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_rkd": (PAPER_CIFAR, (224, 224, "bilinear")),
+    "cifar100_irg": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_cakd": (PAPER_CIFAR, (224, 224, "bilinear")),
     "cifar100_cakd_released": (PAPER_CIFAR, (224, 224, "bilinear")),
     # the teacher's fine-tuning (ours, the paper gives none): lr 0.003, one linear warmup epoch from
@@ -290,3 +294,85 @@ def test_every_flag_shows_its_default_and_abbreviations_are_refused():
                 text = formatter._get_help_string(action)
                 assert "default" in text or "(required)" in text, (name, action.option_strings, text)
     assert get_args_parser().format_usage().startswith("usage: python -m cakd.train ")
+
+
+# ---- the README's commands for the comparison columns (Tables 1-2, Figure 3's ResNet50x2 rows) ---
+def readme_section(title):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index(f"\n## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def script_config(script):
+    """The YAML an experiments/ script passes to the trainer."""
+    import re
+
+    found = re.findall(r"configs/(\w+\.yaml)", open(os.path.join(ROOT, "experiments", script)).read().split("exec ", 1)[1])
+    assert len(found) == 1, script
+    return found[0]
+
+
+def readme_tables(section):
+    """Each table of ``section`` as (header cells, rows of cells)."""
+    tables, rows = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            tables.append((rows[0], [r for r in rows[2:]]))
+            rows = []
+    return tables
+
+
+def test_every_readme_command_of_the_comparison_columns_parses():
+    """Each cell's command (its column's script or YAML with its row's flags, or a whole
+    command) parses with the trainer's parser into the cell's recipe, student and teacher; each
+    number beside it is the one summarize.py compares the run with."""
+    import shlex
+
+    from cakd.train.published import figure3, published
+
+    recipes = {"Logits": "kd", "RKD": "rkd", "IRG": "irg", "CAKD": "cakd", "C1": "kd"}
+    parsed = 0
+    tables = readme_tables(readme_section("The comparison columns (Tables 1 and 2)"))
+    assert len(tables) == 5  # Table 2, its students alone, Figure 3, Table 1, its students alone
+    for header, rows in tables:
+        cifar = "cifar100" in " ".join(header)
+        for row in rows:
+            if header[0] == "student alone":
+                command = shlex.split(row[1].strip("`"))
+                if header[1] == "command":  # a whole command: the script's YAML, then its flags
+                    script = next(word for word in command if word.startswith("experiments/"))
+                    argv = ["--config", os.path.join(ROOT, "configs", script_config(os.path.basename(script))),
+                            *command[command.index(script) + 1 :]]
+                else:
+                    argv = ["--config", os.path.join(ROOT, "configs", "cifar100_baseline.yaml"), *command]
+                argv = [os.path.join(ROOT, a) if a.startswith("configs/") else a for a in argv]
+                args = parse_args(argv)
+                assert args.recipe == "baseline" and args.dataset == ("cifar100" if cifar else "imagefolder")
+                numbers = published("cifar100" if cifar else "imagenet", "baseline", args.model)
+                assert [float(v) for v in row[2].split(" / ")] == [n for n in numbers[-1][1:] if n is not None]
+                parsed += 1
+                continue
+            flags = shlex.split(row[1].strip("`"))
+            for column, cell in zip(header[2:], row[2:]):
+                if "`" not in column:
+                    continue  # C4, C5: the C3 and C6 runs evaluated with noise
+                name = column.split("`")[1]
+                config = script_config(name) if name.endswith(".sh") else name
+                args = parse_args(["--config", os.path.join(ROOT, "configs", config), *flags])
+                assert (args.model, args.teacher) == (flags[flags.index("--model") + 1], flags[flags.index("--teacher") + 1])
+                label = column.split(":")[0]
+                assert args.recipe == recipes.get(label, "cakd"), (column, args.recipe)
+                if label in ("C1", "C2", "C3", "C6"):  # Figure 3
+                    assert args.dataset != "cifar100"
+                    got = dict(figure3(args.model, args.teacher, "C1"), **dict(figure3(args.model, args.teacher, "C2")),
+                               **dict(figure3(args.model, args.teacher, "C3")), **dict(figure3(args.model, args.teacher, "C6")))
+                    assert float(cell) == got[label]
+                else:
+                    assert (args.dataset == "cifar100") == cifar
+                    numbers = published("cifar100" if cifar else "imagenet", args.recipe, args.model, args.teacher)
+                    paper = [(top1, top5) for source, top1, top5 in numbers if source == "paper"]
+                    assert paper == [tuple(float(v) for v in cell.split(" / "))] if not cifar else paper == [(float(cell), None)]
+                parsed += 1
+    assert parsed == 24 + 2 + 2 * 4 + 24 + 2  # Table 2, its students, Figure 3's trained columns, Table 1, its students

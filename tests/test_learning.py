@@ -38,6 +38,43 @@ def setting(tmp_path_factory):
     return data, os.path.join(teacher, "checkpoint.pth"), root
 
 
+CONFIGS = os.path.join(ROOT, "configs")
+PAPER_SETUP = ["--config", os.path.join(CONFIGS, "paper_setup.yaml")]
+# recipe: (its flags, {distillation term: the most its last epoch's mean may be of its first's}). Each
+# recipe on the paper's set-up (no warmup, no MixUp, no repeated augmentation, no EMA), the released
+# losses as they are (logits: logit MSE; cakd: its projectors, PatchGAN, logit MSE in "gl") but the
+# released lambda ramp, 0 for 25 epochs, at its maximum 0.2 from the start
+RECIPES = {
+    "baseline": ([*PAPER_SETUP, "--recipe", "baseline"], {}),
+    "logits": ([*PAPER_SETUP, "--recipe", "logits"], {"logits": 0.3}),
+    "kd": (["--config", os.path.join(CONFIGS, "kd.yaml")], {"kd": 0.6}),
+    "rkd": (["--config", os.path.join(CONFIGS, "rkd.yaml")], {"rkd": 0.5}),
+    "irg": (["--config", os.path.join(CONFIGS, "irg.yaml")], {"irg": 0.85}),
+    "cakd": ([*PAPER_SETUP, "--recipe", "cakd", "--lambda-form", "constant", "--lambda-constant", "0.2"], {"pca": 0.6, "gl": 0.7}),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_learns(setting, recipe):
+    """Each recipe with a resnet18 student, 36 steps at lr 0.01: training top-1 on the images far
+    above chance (33%), each distillation term falling (last epoch's mean over the first's);
+    validation top-1 printed, not asserted (pytest -s): 24 images, it moves in steps of a class
+    (33.3, 66.7, 100) and reached 100 in the last epoch for all but irg (66.7) when measured."""
+    data, teacher, root = setting
+    flags, bounds = RECIPES[recipe]
+    out = str(root / recipe)
+    teacher_flags = [] if recipe == "baseline" else ["--teacher-weights", teacher]
+    assert train_main([*flags, "--model", "resnet18", "--data-path", data, "--output-dir", out, *teacher_flags,
+                       "--epochs", "4", *SMALL]) == 0
+    epochs = epochs_of(out)
+    first, last = epochs[0], epochs[-1]
+    ratios = {term: last[f"train_loss_{term}"] / first[f"train_loss_{term}"] for term in ["cls", *bounds]}
+    print(f"{recipe}: train top-1 per epoch", [round(e["train_acc1"], 1) for e in epochs], "val top-1",
+          [round(e["acc1"], 1) for e in epochs], "last / first epoch:", {k: round(v, 3) for k, v in ratios.items()})
+    assert max(e["train_acc1"] for e in epochs[1:]) >= 70 and last["train_acc1"] >= 60
+    assert all(ratios[term] < bound for term, bound in bounds.items()), ratios
+
+
 def test_the_paper_recipe_learns(setting):
     """configs/cakd_paper.yaml (KD, both projectors, multi-view generator, discriminator, no
     clipping) with a resnet18 student, 36 steps at lr 0.01: top-1 far above chance (33%),

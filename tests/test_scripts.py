@@ -426,6 +426,86 @@ def test_summarize_groups_runs_that_differ_only_in_seed(tmp_path, capsys):
     assert alone[0] == f"| {other}" and alone[4] == "45.00 / 45.00"
 
 
+# The paper's Tables 2 and 1, Transformer -> CNN blocks, as paper.md ("The comparison columns") writes them
+PAPER_TABLE2 = """
+| ViT-B/16 -> ResNet-50 | 77.02/93.40 | 77.27/93.50 | 77.39/93.55 | 78.34/94.06 |
+| ViT-L/16 -> ResNet-50 | 77.45/93.57 | 77.82/93.75 | 77.75/93.71 | 78.85/94.31 |
+| ViT-B/16 -> ResNet50x2 | 79.02/94.62 | 79.68/94.82 | 79.60/94.79 | 80.72/95.38 |
+| ViT-L/16 -> ResNet50x2 | 79.31/94.72 | 79.78/94.85 | 79.83/94.88 | 81.01/95.46 |
+| Swin-L -> ResNet-50 | 77.60/93.64 | 77.85/93.76 | 77.89/93.79 | 78.96/94.42 |
+| Swin-L -> ResNet50x2 | 79.68/94.83 | 79.92/94.92 | 80.10/94.99 | 81.39/95.64 |
+"""
+PAPER_TABLE1 = """
+| ViT-B/16 -> ResNet-50 | 86.42 | 86.13 | 86.59 | 87.39 |
+| ViT-L/16 -> ResNet-50 | 86.69 | 86.73 | 86.91 | 88.09 |
+| ViT-B/16 -> ResNet50x2 | 88.86 | 89.11 | 89.38 | 90.33 |
+| ViT-L/16 -> ResNet50x2 | 89.28 | 89.51 | 89.68 | 90.97 |
+| Swin-L -> ResNet-50 | 86.78 | 86.91 | 87.06 | 88.46 |
+| Swin-L -> ResNet50x2 | 88.93 | 90.02 | 89.97 | 91.21 |
+"""
+PAPER_NAMES = {"ViT-B/16": "vit_b_16", "ViT-L/16": "vit_l_16", "Swin-L": "swin_l", "ResNet-50": "resnet50",
+               "ResNet50x2": "resnet50x2"}
+
+
+def paper_cells(text):
+    """(student, teacher, recipe, top-1, top-5) of each cell of a table; the columns are Logits
+    (Hinton KD: recipe kd), RKD, IRG and the paper's CAKD."""
+    for line in text.strip().splitlines():
+        pair, *cells = [c.strip() for c in line.strip("|").split("|")]
+        teacher, student = (PAPER_NAMES[n] for n in pair.split(" -> "))
+        for recipe, cell in zip(("kd", "rkd", "irg", "cakd"), cells):
+            top1, top5 = (cell.split("/") + [None])[:2]
+            yield student, teacher, recipe, float(top1), top5 and float(top5)
+
+
+def test_published_knows_every_cell_of_tables_1_and_2():
+    """Every cell of the two tables' Transformer -> CNN blocks, the students alone and the
+    CIFAR teachers (paper.md), looked up as summarize.py looks a run up; Figure 3's rows."""
+    from cakd.train.published import PAPER, figure3, published
+
+    cells = [("imagenet", *c) for c in paper_cells(PAPER_TABLE2)] + [("cifar100", *c) for c in paper_cells(PAPER_TABLE1)]
+    assert len(cells) == 48
+    for dataset, student, teacher, recipe, top1, top5 in cells:
+        assert (PAPER, top1, top5) in published(dataset, recipe, student, teacher), (dataset, recipe, student, teacher)
+    alone = {("imagenet", "resnet50"): (76.28, 93.03), ("imagenet", "resnet50x2"): (78.16, 93.91),
+             ("cifar100", "resnet50"): (85.02, None), ("cifar100", "resnet50x2"): (88.21, None),
+             ("cifar100", "vit_b_16"): (90.92, None), ("cifar100", "vit_l_16"): (92.46, None),
+             ("cifar100", "swin_l"): (93.78, None)}
+    for (dataset, model), (top1, top5) in alone.items():
+        assert (PAPER, top1, top5) in published(dataset, "baseline", model, "vit_b_16")  # a baseline has no teacher
+    assert published("imagefolder", "rkd", "resnet50x2", "swin_l") == [(PAPER, 79.92, 94.92)]  # an image folder is ImageNet
+    assert published("imagenet", "cakd", "resnet50", "vit_b_16") == [("released README", 76.21, 93.09), (PAPER, 78.34, 94.06)]
+    # Figure 3(a): the ResNet50x2 rows as paper.md reads them off the plot
+    assert figure3("resnet50x2", "vit_b_16", "C3") == [("C3", 80.25), ("C4 with noise", 79.75)]
+    assert figure3("resnet50x2", "vit_l_16", "C6") == [("C6", 81.0), ("C5 with noise", 80.95)]
+    assert figure3("resnet50x2", "vit_l_16", "C2") == [("C2", 79.75)] and figure3("resnet50", "swin_l", "C2") == []
+
+
+def test_summarize_shows_figure_3_beside_an_ablation_run(tmp_path, capsys):
+    """A run of configs/ablation_pca.yaml is Figure 3's C3 (C4 with noise), not Table 2's CAKD
+    cell; the full paper recipe adds C5; the released recipe stays Table 2's and the README's."""
+    from cakd.train.config import load_yaml, get_args_parser
+
+    def run(name, config, student="resnet50x2"):
+        folder = tmp_path / name
+        folder.mkdir()
+        flags = load_yaml(os.path.join(ROOT, "configs", config), get_args_parser())
+        (folder / "config.yaml").write_text(json.dumps({**flags, "model": student}))  # JSON is YAML
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "acc1": 50.0, "acc5": 80.0}) + "\n")
+        return str(folder)
+
+    runs = [run("c2", "ablation_gl.yaml"), run("c3", "ablation_pca.yaml"), run("c6", "cakd_paper.yaml"),
+            run("released", "cakd.yaml", "resnet50"), run("c1", "kd.yaml")]
+    code, out, err = call("summarize", runs, capsys)
+    assert code == 0, err
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[-1] for line in out.splitlines() if line.startswith("| ")}
+    assert rows[runs[0]] == "paper Figure 3 C2 79.30 / – |"
+    assert rows[runs[1]] == "paper Figure 3 C3 80.25 / –; paper Figure 3 C4 with noise 79.75 / – |"
+    assert rows[runs[2]] == "paper 80.72 / 95.38; paper Figure 3 C5 with noise 80.70 / – |"
+    assert rows[runs[3]] == "released README 76.21 / 93.09; paper 78.34 / 94.06 |"
+    assert rows[runs[4]] == "paper 79.02 / 94.62 |"
+
+
 def test_experiment_scripts_run_once_per_seed(tmp_path):
     """SEEDS="0 1 2": the script runs three times, each with --seed N into OUTPUT_DIR/seed_N;
     --output-dir with SEEDS is refused (every seed would write the same folder)."""
@@ -440,7 +520,7 @@ def test_experiment_scripts_run_once_per_seed(tmp_path):
     assert result.returncode == 2 and "not --output-dir" in result.stderr and not result.stdout
     result = subprocess.run(["sh", str(script)], capture_output=True, text=True, env={**env, "SEEDS": ""}, timeout=60)
     assert result.stdout.splitlines() == ["run into runs/x with "]
-    for name in ("baseline", "logits", "cakd", "cakd_paper"):  # every launch script takes SEEDS
+    for name in ("baseline", "logits", "kd", "rkd", "irg", "cakd", "cakd_paper"):  # every launch script takes SEEDS
         assert '. "$(dirname "$0")/seeds.sh"' in open(os.path.join(ROOT, "experiments", f"run_{name}.sh")).read()
 
 

@@ -22,6 +22,8 @@ from .base import (
 from .baseline import BaselineDistiller
 from .logits import KDConfig, KDDistiller, LogitsConfig, LogitsDistiller
 from .cakd import CAKDConfig, CAKDDistiller, ZeroGradients  # noqa: I001 (registration order: the --help order)
+from .rkd import RKDConfig, RKDDistiller, StudentFeatures
+from .irg import IRGConfig, IRGDistiller
 
 __all__ = [
     "DISTILLERS",
@@ -29,12 +31,17 @@ __all__ = [
     "BaselineDistiller",
     "CAKDConfig",
     "CAKDDistiller",
+    "IRGConfig",
+    "IRGDistiller",
     "Distiller",
     "KDConfig",
     "KDDistiller",
     "LogitsConfig",
     "LogitsDistiller",
     "PatchGAN",
+    "RKDConfig",
+    "RKDDistiller",
+    "StudentFeatures",
     "StudentWithProjectors",
     "TokenMLP",
     "ZeroGradients",
