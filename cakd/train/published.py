@@ -6,6 +6,10 @@ the paper's Table 1 (CIFAR-100) gives top-1 only. The CAKD cells (recipe ``cakd`
 paper's method; the released recipe shares the key, its own figure marked ``released README``.
 :func:`figure3_column` tells an ablation run's column by its flags, :func:`figure3` its number.
 """
+import dataclasses
+
+from ..distillers import DISTILLERS
+
 RELEASED = "released README"  # ImageNet val, the released recipes (docs/reference.md)
 PAPER = "paper"  # Liu et al., ACCV 2022, Tables 1-3 (docs/paper.md)
 
@@ -89,28 +93,32 @@ for _teacher, _row in zip(_TABLE3_TEACHERS, _TABLE3):
 
 def published(dataset, recipe, student, teacher=None):
     """``[(source, top1, top5)]`` for a run; ``dataset`` is the trainer's flag (an image folder
-    is taken to be ImageNet). The baseline recipe has no teacher."""
+    is taken to be ImageNet). A student alone (the baseline) is keyed without a teacher."""
     dataset = "imagenet" if dataset in (None, "imagefolder") else dataset
-    return PUBLISHED.get((dataset, recipe, student, None if recipe == "baseline" else teacher), [])
+    return PUBLISHED.get((dataset, recipe, student, teacher)) or PUBLISHED.get((dataset, recipe, student, None), [])
+
+
+# Figure 3's trained columns as the flags that make them (configs/ablation_*.yaml, cakd_paper.yaml);
+# C4 and C5 are C3 and C6 evaluated with noise
+FIGURE3_RUNS = {
+    "C1": {"recipe": "kd"},
+    "C2": {"recipe": "cakd", "logits_form": "kd", "use_pca": False, "use_adv": False},
+    "C3": {"recipe": "cakd", "logits_form": "kd", "use_pca": True, "pca_form": "paper", "use_adv": False},
+    "C6": {"recipe": "cakd", "logits_form": "kd", "use_pca": True, "pca_form": "paper", "use_adv": True, "disc_form": "mlp",
+           "multiview": True},
+}
 
 
 def figure3_column(config):
     """Which of Figure 3's trained columns a run's flags (its ``config.yaml``) are: ``"C1"``
     (Hinton KD), ``"C2"``, ``"C3"`` (also C4 with noise) or ``"C6"`` (also C5 with noise); None
-    for any other run (the released CAKD recipe among them)."""
+    for any other run (the released CAKD recipe among them). A distiller flag the run left unset
+    (saved as null) is its recipe's released value."""
     recipe = config.get("recipe")
-    if recipe == "kd":
-        return "C1"
-    if recipe != "cakd" or config.get("logits_form") != "kd":
-        return None
-    pca, adv = config.get("use_pca", True), config.get("use_adv", True)
-    if not pca and not adv:
-        return "C2"
-    if config.get("pca_form") != "paper" or not pca:
-        return None
-    if not adv:
-        return "C3"
-    return "C6" if config.get("disc_form") == "mlp" and (config.get("multiview_prob") or 0) > 0 else None
+    defaults = dataclasses.asdict(DISTILLERS[recipe].config_class()) if recipe in DISTILLERS else {}
+    flags = {**defaults, **{key: value for key, value in config.items() if value is not None}}
+    flags["multiview"] = (flags.get("multiview_prob") or 0) > 0
+    return next((column for column, wanted in FIGURE3_RUNS.items() if all(flags.get(k) == v for k, v in wanted.items())), None)
 
 
 def figure3(student, teacher, column):
