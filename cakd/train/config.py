@@ -143,7 +143,8 @@ def get_args_parser(add_help=True):
     g = p.add_argument_group("recipe and models")
     g.add_argument(
         "--recipe", default="cakd", choices=sorted(DISTILLERS),
-        help="the method: baseline (the student alone), logits (released: logit MSE), kd (Hinton), cakd, or one a --plugin registers",
+        help="the method: baseline (the student alone), logits (released: logit MSE), kd (Hinton), rkd, irg, cakd, or one a "
+        "--plugin registers",
     )
     g.add_argument(
         "--plugin", default=[], action="append", metavar="MODULE",
