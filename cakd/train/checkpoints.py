@@ -170,7 +170,7 @@ def finished(path):
 class SourceCheckpoint:
     """One file a script is pointed at, read once, whatever produced it.
 
-    ``kind``: ``"cakd"`` (a training checkpoint of this package: ``model``, ``projectors``,
+    ``kind``: ``"training"`` (a training checkpoint of this package: ``model``, ``projectors``,
     ``model_ema``, ...), ``"released"`` (the authors' code: student and projector keys in one
     ``model`` state dict) or ``"student"`` (a plain torchvision state dict, e.g. an export).
     ``args``: the flags the run was trained with, as a dict (empty when the file has none).
@@ -182,7 +182,7 @@ class SourceCheckpoint:
         with torch.serialization.safe_globals([argparse.Namespace]):
             contents = _load(path)
         if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
-            self.kind = "cakd" if "projectors" in contents else "released"
+            self.kind = "training" if "projectors" in contents else "released"
         elif _is_state_dict(contents):
             self.kind = "student"
         else:
@@ -213,7 +213,7 @@ class SourceCheckpoint:
     def projector_state(self):
         """The attention, group-wise and token projectors, keyed as in ``StudentWithProjectors``
         (empty for a baseline or logits run, or an exported student)."""
-        if self.kind == "cakd":
+        if self.kind == "training":
             return dict(self.contents.get("projectors") or {})
         if self.kind == "released":
             return split_reference_state_dict(self.contents["model"])[1]
