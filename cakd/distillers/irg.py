@@ -5,7 +5,7 @@ CNN student and a ViT or Swin teacher play them is ours (docs/FIDELITY.md, "The 
 from dataclasses import dataclass
 
 import torch
-from torchvision.models import SwinTransformer
+from torchvision.models import SwinTransformer, VisionTransformer
 
 from ..losses import irg_loss
 from ..models import student_layout
@@ -38,8 +38,20 @@ def auto_student_layers(student, image_size):
     return [layout.stage_for(4 * final)[0], layout.stage_for(2 * final)[0]]
 
 
+def layout_of(teacher):
+    """``"swin"`` or ``"vit"``: the torchvision layouts whose layers ``auto`` knows; None for
+    another teacher family (which names its layers)."""
+    return "swin" if isinstance(teacher, SwinTransformer) else "vit" if isinstance(teacher, VisionTransformer) else None
+
+
+def check_layout(teacher, key):
+    if layout_of(teacher) is None:
+        raise ValueError(f"{key} auto knows torchvision's ViT and Swin teachers; for {type(teacher).__name__} name its layers")
+
+
 def auto_teacher_layers(teacher):
-    if isinstance(teacher, SwinTransformer):
+    check_layout(teacher, "irg_teacher_layers")
+    if layout_of(teacher) == "swin":
         return ["features.3", "features.5"]
     depth = len(teacher.encoder.layers)
     return [f"encoder.layers.encoder_layer_{depth // 2 - 1}", f"encoder.layers.encoder_layer_{3 * depth // 4 - 1}"]
@@ -55,7 +67,8 @@ def auto_student_transform(student):
 
 
 def auto_teacher_transform(teacher):
-    if isinstance(teacher, SwinTransformer):
+    check_layout(teacher, "irg_teacher_transform")
+    if layout_of(teacher) == "swin":
         last = len(teacher.features) - 1
         return [f"features.{last}.0", f"features.{last}"]
     depth = len(teacher.encoder.layers)
@@ -72,10 +85,13 @@ def none_or_two(value, auto, what):
     return layers
 
 
-def teacher_vector(x: torch.Tensor, swin: bool) -> torch.Tensor:
+def teacher_vector(x: torch.Tensor, layout) -> torch.Tensor:
     """One vector per instance from a teacher layer: a Swin stage's (B, H, W, C) averaged over
-    its grid, a ViT block's (B, 1 + N, D) over its patch tokens."""
-    return x.mean(dim=(1, 2)) if swin else x[:, 1:].mean(dim=1)
+    its grid, a ViT block's (B, 1 + N, D) over its patch tokens, another family's output over
+    every dimension but the first and the last."""
+    if layout == "vit":
+        return x[:, 1:].mean(dim=1)
+    return x.flatten(1, -2).mean(dim=1)
 
 
 @register_distiller("irg")
@@ -107,12 +123,12 @@ class IRGDistiller(Distiller):
         distiller.edges = len(student_layers)
         distiller.teacher_layers, distiller.teacher_move = teacher_layers, teacher_move
         distiller.teacher_layer_taps = FeatureTaps(teacher, outputs=sorted(set(teacher_layers + teacher_move)))
-        distiller.swin = isinstance(teacher, SwinTransformer)
+        distiller.layout = layout_of(teacher)
         return distiller
 
     def forward(self, images, targets, epoch=0):
         teacher = self.run_teacher(images)
-        layers = {name: teacher_vector(self.teacher_layer_taps.pop(name), self.swin)
+        layers = {name: teacher_vector(self.teacher_layer_taps.pop(name), self.layout)
                   for name in set(self.teacher_layers + self.teacher_move)}
         student = self.run_student(images)
         cls = self.cross_entropy(student["logits"], targets)
