@@ -40,7 +40,6 @@ from cakd.train.tools import (
     build_eval_teacher,
     build_val_dataset,
     check_class_count,
-    check_device,
     load_student,
     pick,
 )
@@ -100,7 +99,7 @@ def build_model(args, checkpoint, dataset, crop):
 
 
 def run(args):
-    check_device(args.device)  # before torchrun's set-up, which would fail on it
+    dist_utils.check_device(args.device)  # before torchrun's set-up, which would fail on it
     if args.checkpoint is None and args.which != "teacher":
         raise UserError(f"--which {args.which} needs --checkpoint")
     processes = dist_utils.init_distributed_mode(args.device)

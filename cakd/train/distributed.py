@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistributedMode:
@@ -16,6 +18,14 @@ class DistributedMode:
     rank: int
     world_size: int
     device: torch.device
+
+
+def check_device(name):
+    """``--device`` as a torch.device; a CUDA device where none is visible is one error line
+    (the trainer's and the scripts', before torchrun's set-up, which would fail on it)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} but no CUDA device is visible: pass --device cpu for a CPU run")
+    return torch.device(name)
 
 
 def init_distributed_mode(device="cpu", dist_url="env://"):

@@ -46,13 +46,6 @@ def add_shared_flags(parser, *names, required=(), **meanings):
         parser.add_argument(*spellings, **options)
 
 
-def check_device(name):
-    """``--device`` as a torch.device; a CUDA device where none is visible is one error line."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} but no CUDA device is visible: pass --device cpu")
-    return torch.device(name)
-
-
 def pick(checkpoint, name, flag=None):
     """A value given on the command line, else the run's own flag (when ``checkpoint`` has
     one), else the recipes' (:data:`RECIPE_EVAL`, :data:`DEFAULTS`)."""

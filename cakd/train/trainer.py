@@ -356,8 +356,7 @@ def train(args):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     else:
         stop.install()  # first: from now on a SIGTERM or a first Ctrl-C saves
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is visible: pass --device cpu for a CPU run")
+    dist_utils.check_device(args.device)
     found = dist_utils.init_distributed_mode(args.device, args.dist_url)
     # onto the namespace, which Run reads: config.yaml and the checkpoint keep world_size and device (a resume checks the first)
     args.distributed, args.rank, args.world_size, args.device = found.distributed, found.rank, found.world_size, str(found.device)
