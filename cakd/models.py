@@ -7,8 +7,10 @@ teacher), built by its family. The stage is found by one rule, with no table per
 forward pass on the meta device (no memory, no arithmetic) records each stage's output
 shape, and the last stage whose grid is the teacher's wins.
 """
+import hashlib
 import importlib
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -177,14 +179,45 @@ def load_state_dict(name: str, weights, progress: bool = True, role: str = "teac
     except KeyError:
         members = ", ".join(enum.__members__)
         raise ValueError(f"unknown weights {weights!r} for {name}: use one of {members}, none, or a .pth path") from None
+    return load_torchvision_weights(name, weights, member.url, progress)
+
+
+def load_torchvision_weights(name: str, weights: str, url: str, progress: bool = True) -> dict:
+    """A torchvision weights file from torch's hub cache (downloaded there once), read with
+    ``weights_only=True`` after its SHA-256 is checked against the prefix its name carries.
+
+    torchvision's own ``get_state_dict`` checks the hash only on download and unpickles a
+    cached file with ``weights_only=False``: a file placed in the cache could run code."""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    found = re.search(torch.hub.HASH_REGEX, os.path.basename(url))
+    prefix = found.group(1) if found else None
+    if not os.path.isfile(target):
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            torch.hub.download_url_to_file(url, target, hash_prefix=prefix, progress=progress)
+        except Exception as error:  # URLError, socket errors, hash mismatch: all mean "no usable file"
+            raise RuntimeError(
+                f"could not download {name} {weights} weights from {url} ({type(error).__name__}: {error}); "
+                f"offline, put that file at {target} or pass a local .pth path as the weights"
+            ) from None
+    if prefix and not sha256_of(target).startswith(prefix):
+        raise ValueError(
+            f"{target} is not the {name} {weights} file: its SHA-256 does not start with {prefix}, as its name says; "
+            "delete it (it is downloaded again) or put the file from " + url + " there"
+        )
     try:
-        return member.get_state_dict(progress=progress, check_hash=True)
-    except Exception as error:  # URLError, socket errors, hash mismatch: all mean "no usable file"
-        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(member.url))
-        raise RuntimeError(
-            f"could not download {name} {weights} weights from {member.url} ({type(error).__name__}: {error}); "
-            f"offline, put that file at {target} or pass a local .pth path as the weights"
-        ) from None
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{target} cannot be read ({load_error(error)}): delete it, it is downloaded again") from None
+
+
+def sha256_of(path: str) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,12 +73,10 @@ def test_offline_download_names_the_cache_path(monkeypatch, tmp_path):
     """Offline, the enum download fails with one message saying where to put the file."""
     import urllib.error
 
-    import torchvision.models._api as api
-
     def no_network(url, *args, **kwargs):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(api, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(RuntimeError, match=rf"put that file at {tmp_path}/hub/checkpoints/vit_b_16-c867db91.pth"):
         cakd.build_teacher("vit_b_16", weights="IMAGENET1K_V1")
