@@ -29,6 +29,9 @@ PARTS = ("model", "projectors", "discriminator", "optimizer", "lr_scheduler", "d
 # end), the run's flags as a dict, and every process's RNG states (:func:`capture_rng_state`).
 POSITION = ("epoch", "step", "args", "rng")
 KEYS = PARTS + POSITION
+# Only in a checkpoint saved at an epoch's end whose evaluation a stop cut short: that epoch's
+# training averages; a resume evaluates the epoch first and writes its metrics.jsonl line.
+UNEVALUATED = "unevaluated"
 REQUIRED = ("model", "optimizer", "lr_scheduler", "epoch", "args")  # in every checkpoint the trainer ever wrote
 LEARNED = ("model", "projectors", "discriminator", "optimizer", "disc_optimizer", "model_ema")  # what a step changes
 
@@ -164,7 +167,7 @@ def finished(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError):
         return False
-    return next_position(checkpoint)[0] >= checkpoint["args"]["epochs"]
+    return next_position(checkpoint)[0] >= checkpoint["args"]["epochs"] and checkpoint.get(UNEVALUATED) is None
 
 
 class SourceCheckpoint:

@@ -254,8 +254,8 @@ def get_args_parser(add_help=True):
         "--max-loss-growth",
         default=1000.0,
         type=float,
-        help="refuse to save a checkpoint when the training loss at the end of an epoch is this many times its first "
-        "value of the epoch (0: no check)",
+        help="refuse to save a checkpoint when an epoch's mean training loss is this many times the run's loss scale: the "
+        "largest of ln(classes), the first step's loss and every earlier epoch's mean (0: no check)",
     )
     g.add_argument(
         "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"
