@@ -18,7 +18,6 @@ mean ± sample standard deviation of each number over the runs, and their count 
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ import yaml
 from cakd.train.config import HelpFormatter
 from cakd.train.errors import UserError, run_and_report
 from cakd.train.figures import pyplot, save
+from cakd.train.metrics_file import read_metrics
 from cakd.train.published import PAPER, figure3, figure3_column, published
 from cakd.train.tools import DEFAULTS
 
@@ -49,17 +49,14 @@ def get_args_parser():
 # Reading runs
 # ----------------------------------------------------------------------------------------------
 def read_metrics_file(path):
+    """``{epoch: {metric: value}}`` from a run's ``metrics.jsonl`` (:func:`read_metrics`)."""
     by_epoch = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not JSON: a cut-off write? remove that line") from None
-            if "epoch" in record:
-                by_epoch[int(record["epoch"])] = {k: float(record[k]) for k in METRICS if record.get(k) is not None}
+    for record in read_metrics(path):
+        values = {k: record[k] for k in METRICS if record.get(k) is not None}
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserError(f"{path}: epoch {record['epoch']}'s {key} is {value!r}, not a number: fix or remove that line")
+        by_epoch[record["epoch"]] = {k: float(v) for k, v in values.items()}
     return by_epoch
 
 
@@ -99,6 +96,8 @@ def read_run(run_dir):
                 config = yaml.safe_load(f) or {}
             except yaml.YAMLError as error:
                 raise UserError(f"{config_path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path} holds a YAML {type(config).__name__}, not the mapping of flags a run writes")
     return {
         "name": run_dir.rstrip("/"),
         "config": config,

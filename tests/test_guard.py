@@ -1,6 +1,7 @@
 """The guard: no code runs from torch's hub cache, divergence is told from a converged run's
 noise, and a stop request is acted on within a few steps whatever ``--print-freq`` is."""
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -230,3 +231,101 @@ def test_a_stop_during_evaluation_saves_at_once_and_the_resume_evaluates_first(d
     assert_same_state(torch.load(os.path.join(whole, "checkpoint.pth"), weights_only=True),
                       torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True), skip={".args.output_dir"})
     assert open(os.path.join(out, "metrics.jsonl")).read() == open(os.path.join(whole, "metrics.jsonl")).read()
+
+
+# ---- nothing lost to a full disk, nothing unreadable that can be read --------------------------------------
+def tmp_files(folder):
+    return [name for name in os.listdir(folder) if name.startswith(".tmp-")]
+
+
+def test_a_full_disk_at_the_metrics_line_loses_nothing(data, tmp_path, capsys, monkeypatch):
+    """The line is written to a temporary file before the checkpoints: no space for it is one line,
+    no checkpoint and no line for the epoch, nothing left over; the rerun writes both."""
+    import errno
+
+    import cakd.train.trainer as trainer
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(trainer, "stage_text", no_space)
+    out = str(tmp_path / "run")
+    code, err = run_main(flags(data, out, epochs=1), capsys)
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: could not write {out}/metrics.jsonl ([Errno 28] No space")
+    assert not {"checkpoint.pth", "model_0.pth", "metrics.jsonl"} & set(os.listdir(out)) and not tmp_files(out)
+    monkeypatch.undo()
+    assert run_main(flags(data, out, epochs=1) + ["--resume", "auto"], capsys)[0] == 0
+    assert {"checkpoint.pth", "metrics.jsonl"} <= set(os.listdir(out))
+
+
+def test_a_cut_off_last_metrics_line_does_not_stop_a_resume(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(flags(data, out, epochs=1), capsys)[0] == 0
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"epoch": 1, "acc1": 33.')  # an earlier version's append, cut by a full disk
+    code, _ = run_main(flags(data, out, epochs=2) + ["--resume", "auto"], capsys)
+    assert code == 0
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_torch_writers_full_disk_error_says_so(tmp_path, monkeypatch):
+    """torch.save reports a failed write as ``[enforce fail at inline_container.cc:...]``."""
+    import errno
+
+    import cakd.checkpoint
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(cakd.checkpoint.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match=r"the write stopped part-way, \d+ MiB free on that disk \(a full disk\?\)"):
+        cakd.checkpoint.save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "checkpoint.pth"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_raw_pickle_resume_file_gets_the_checkpoint_message(data, tmp_path, capsys):
+    """torch.save's legacy format cannot be memory-mapped: read whole, it is judged as any file."""
+    legacy = str(tmp_path / "legacy.pth")
+    torch.save({"model": {}}, legacy, _use_new_zipfile_serialization=False)
+    code, err = run_main(flags(data, str(tmp_path / "run"), epochs=1) + ["--resume", legacy], capsys)
+    assert code == 1 and err == [f"error: {legacy} is not a cakd training checkpoint (no optimizer, lr_scheduler, epoch, args)"]
+    marker = tmp_path / "ran"
+    with open(legacy, "wb") as f:
+        pickle.dump({"model": Payload(marker)}, f, protocol=2)
+    code, err = run_main(flags(data, str(tmp_path / "run"), epochs=1) + ["--resume", legacy], capsys)
+    assert code == 1 and len(err) == 1 and "cannot be read (it holds objects other than tensors" in err[0]
+    assert "mmap" not in err[0] and not marker.exists()
+
+
+@pytest.mark.parametrize("config, metrics, message", [
+    ("- a\n- list\n", '{"epoch": 0, "acc1": 50.0}\n', "config.yaml holds a YAML list, not the mapping of flags a run writes"),
+    ("recipe: cakd\n", '{"epoch": 0, "acc1": "fifty"}\n', "metrics.jsonl: epoch 0's acc1 is 'fifty', not a number"),
+    ("recipe: cakd\n", '[1, 2]\n{"epoch": 1}\n', "metrics.jsonl line 1 is not a metrics record (not an object with an integer epoch)"),
+])
+def test_summarize_bad_run_files_are_one_line(tmp_path, capsys, config, metrics, message):
+    import summarize
+
+    (tmp_path / "config.yaml").write_text(config)
+    (tmp_path / "metrics.jsonl").write_text(metrics)
+    assert summarize.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import textwrap
+import zipfile
 
 import numpy as np
 import torch
@@ -140,6 +141,8 @@ def _load(path, flag=None, mmap=False):
     one :class:`CheckpointError` if it cannot be read (``flag``: the option that named it)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path" + (f" given to {flag}" if flag else ""))
+    if mmap and not zipfile.is_zipfile(path):  # torch maps only its zip format; a raw pickle is read whole
+        mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # truncated zip, pickle garbage, wrong format, a crafted pickle

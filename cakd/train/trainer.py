@@ -5,7 +5,6 @@ checkpoints. Bad input ends with one line on stderr and exit status 1.
 """
 import dataclasses
 import datetime
-import json
 import math
 import os
 import random
@@ -18,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic
+from ..checkpoint import save_atomic, stage_text
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
 from ..models import build_student, no_weights
 from ..teachers import build_teacher, check_teacher_input
@@ -29,6 +28,7 @@ from .engine import EvaluationStopped, TrainingError, evaluate, evaluate_views, 
 from .errors import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
+from .metrics_file import append_metrics, drop_metrics_from, metrics_record, metrics_text, read_metrics
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
 from .resume import EPOCH_END_ONLY, refused_change
 from .rundir import claim
@@ -195,12 +195,14 @@ class Run:
         """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
         return self.parts().state_dict(epoch, step, saved_args(self.args), dist_utils.all_gather_object(capture_rng_state()))
 
-    def save(self, epoch, step=None, unevaluated=None):
+    def save(self, epoch, step=None, unevaluated=None, record=None):
         """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
         rank 0 writes, every rank agrees on the outcome. ``model_{epoch}.pth`` goes first: a
         kill between the two leaves the previous ``checkpoint.pth``, from which ``--resume auto``
         trains this epoch again and writes both. ``unevaluated``: the epoch's training averages,
-        for a save at its end whose evaluation a stop cut short (:data:`checkpoints.UNEVALUATED`)."""
+        for a save at its end whose evaluation a stop cut short (:data:`checkpoints.UNEVALUATED`).
+        ``record``: the epoch's ``metrics.jsonl`` line, written to a temporary file before the
+        checkpoints and renamed into place after them: a full disk loses neither, or both."""
         state = self.state(epoch, step)
         if unevaluated is not None:
             state[UNEVALUATED] = unevaluated
@@ -222,10 +224,18 @@ class Run:
             # second full copy of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
             if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
                 paths.insert(0, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+            metrics, staged = os.path.join(self.args.output_dir, "metrics.jsonl"), None
             try:
+                if record is not None:
+                    path = metrics
+                    staged = stage_text(metrics, metrics_text(read_metrics(metrics) + [record]))
                 for path in paths:
                     save_atomic(state, path)
-            except (OSError, RuntimeError) as failure:  # no space left, no permission (torch.save: a RuntimeError)
+                if staged is not None:
+                    os.replace(staged, metrics)
+            except (OSError, RuntimeError) as failure:  # no space left, no permission
+                if staged is not None and os.path.exists(staged):
+                    os.remove(staged)
                 error = (f"could not write {path} ({one_line(failure)}): make room or fix the permissions in "
                          f"{self.args.output_dir}, then rerun with --resume auto; {self.checkpoint_kept()}")
         error = dist_utils.all_gather_object(error)[0]
@@ -456,7 +466,7 @@ def _train(args, stop):
                    + (f" (epoch {start_epoch - 1} is evaluated first)" if run.unevaluated is not None else ""))
         if dist_utils.is_main_process() and args.output_dir and not args.test_only:
             first = start_epoch - 1 if run.unevaluated is not None else start_epoch
-            _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
+            drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
     elif args.test_only and args.weights:
         run.distiller.student.load_state_dict(_student_weights(args.weights))
 
@@ -473,7 +483,9 @@ def _train(args, stop):
             results = run.evaluate(stop)
         except EvaluationStopped:
             return stopped(run, f"{stop.reason}: epoch {start_epoch - 1} is still unevaluated in {args.resume}; --resume it to go on")
-        record_epoch(run, start_epoch - 1, results, run.unevaluated)
+        log_epoch(run, start_epoch - 1, results, run.unevaluated)
+        if dist_utils.is_main_process() and args.output_dir:
+            append_metrics(os.path.join(args.output_dir, "metrics.jsonl"), metrics_record(start_epoch - 1, results, run.unevaluated))
     for epoch in range(start_epoch, args.epochs):
         next_step, train_stats = run.train_epoch(epoch, start_step, stop)
         start_step = 0
@@ -490,8 +502,8 @@ def _train(args, stop):
             run.save(epoch, unevaluated=train_stats)
             return stopped(run, f"{stop.reason}: evaluation {cut}; saved epoch {epoch} to {args.output_dir}/checkpoint.pth; "
                                 "--resume it to go on (it evaluates the epoch first)")
-        run.save(epoch)
-        record_epoch(run, epoch, results, train_stats)  # after its checkpoint: no line for an epoch not saved
+        log_epoch(run, epoch, results, train_stats)
+        run.save(epoch, record=metrics_record(epoch, results, train_stats))  # no line for an epoch not saved
         if epoch + 1 < args.epochs and dist_utils.any_rank(stop.requested, run.device):
             return stopped(run, f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on",
                            results)
@@ -500,17 +512,12 @@ def _train(args, stop):
     return results
 
 
-def record_epoch(run, epoch, results, train_stats):
-    """An evaluated epoch's attention maps and scalars to TensorBoard and its line to
-    ``metrics.jsonl`` (rank 0)."""
+def log_epoch(run, epoch, results, train_stats):
+    """An evaluated epoch's attention maps and scalars to TensorBoard."""
     run.log_attention_maps(epoch)
     run.tensorboard.scalars(results, epoch, prefix="val/")
     run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
     run.tensorboard.flush()
-    if dist_utils.is_main_process() and run.args.output_dir:
-        record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
-        with open(os.path.join(run.args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def stopped(run, line, results=None):
@@ -549,17 +556,6 @@ def resume_path(args):
 def _student_weights(path):
     """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
     return SourceCheckpoint(path).student_state("student")
-
-
-def _drop_metrics_from(path, epoch):
-    """On resume, forget metrics.jsonl lines of the epochs about to be trained again."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):
