@@ -329,3 +329,62 @@ def test_summarize_bad_run_files_are_one_line(tmp_path, capsys, config, metrics,
     assert summarize.main([str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# ---- the data folder: the cache confined to it, links, 16-bit and huge images ----------------------------
+def test_a_crafted_dataset_cache_cannot_leave_its_folder_or_its_classes(data, tmp_path):
+    """A cache entry with a matching fingerprint but a path outside the folder, a path into
+    another class's folder, or a label out of range is not used: the folder is listed again."""
+    from cakd.train.data import CACHE_FILE, _image_folder
+
+    split = os.path.join(data, "train")
+    listed = _image_folder(split, None, cache_dir=str(tmp_path)).samples  # writes the cache
+    cache = json.load(open(tmp_path / CACHE_FILE))
+    entry = cache[os.path.abspath(split)]
+    good = [list(s) for s in entry["samples"]]
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"not for training")
+    for path, label in [(str(outside), 0), ("class_0/../../outside.jpg", 0), ("class_1/" + good[0][0].split("/")[1], 0),
+                        (good[0][0], 7), (good[0][0], -1)]:
+        entry["samples"] = [[path, label]] + good[1:]
+        (tmp_path / CACHE_FILE).write_text(json.dumps(cache))
+        assert _image_folder(split, None, cache_dir=str(tmp_path)).samples == listed, (path, label)
+    entry["samples"] = good  # the untouched entry is used as it is
+    (tmp_path / CACHE_FILE).write_text(json.dumps(cache))
+    assert _image_folder(split, None, cache_dir=str(tmp_path)).listing is not None
+
+
+def test_image_links_that_lead_to_each_other_are_one_error(tmp_path):
+    from cakd.train.data import DataError, list_images
+
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    os.symlink("b.jpg", tmp_path / "train" / "a" / "a.jpg")
+    os.symlink("a.jpg", tmp_path / "train" / "a" / "b.jpg")
+    with pytest.raises(DataError, match=r"/train/a/[ab].jpg cannot be followed \(Too many levels of symbolic links\): a loop of links"):
+        list_images(str(tmp_path / "train"), {"a": 0})
+
+
+def test_a_16_bit_png_is_scaled_not_clipped_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from cakd.train.data import load_image
+
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    rgb = np.asarray(load_image(str(tmp_path / "deep.png")))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert np.abs(rgb[..., 0].astype(float) - grey / 257.0).max() <= 0.5
+
+
+def test_an_image_above_pils_limit_is_one_line_before_training(data, tmp_path, capsys, monkeypatch):
+    """Above twice PIL's Image.MAX_IMAGE_PIXELS PIL refuses to decode (a decompression-bomb guard):
+    the validation image check names the file before the first epoch. The limit is lowered here
+    to make 64x64 images count as such."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    code, err = run_main(flags(data, str(tmp_path / "run"), epochs=1), capsys)
+    assert code == 1 and len(err) == 1 and f"error: image {data}/val/class_0/" in err[0]
+    assert "is too large to decode safely (Image size (4096 pixels) exceeds limit of 2000 pixels" in err[0]
+    assert err[0].endswith("shrink it or remove it")
