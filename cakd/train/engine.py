@@ -193,9 +193,11 @@ def loss_growth(first, meter, device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:"):
+def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:",
+             scores=None):
     """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks; a progress line
-    every ``print_freq`` batches."""
+    every ``print_freq`` batches. ``scores`` (a ``spoof_metrics.SpoofScores``): also given each
+    batch's logits and labels."""
     model.eval()
     accuracy = Accuracy(device)
     logger = MetricLogger()
@@ -207,6 +209,8 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
         with autocast(amp_dtype, device.type):
             logits = model(images)
         accuracy.update(logits.float(), targets)
+        if scores is not None:
+            scores.update(logits, targets)
     (acc1, acc5), count = accuracy.compute()
     print_main(f"{header} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")
     if math.isnan(acc1):
