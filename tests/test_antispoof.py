@@ -159,9 +159,10 @@ def train(argv):
     return result.stdout
 
 
-def test_resnet18_learns_the_generated_set(spoof_dir, tmp_path):
+def test_resnet18_learns_the_generated_set(spoof_dir, tmp_path, capsys):
     """Its untrained EER (the run's own initial weights, --test-only) is near chance; six epochs
-    bring it well below 50%, in metrics.jsonl and TensorBoard, with AUC and APCER / BPCER / ACER."""
+    bring it well below 50%, in metrics.jsonl and TensorBoard, with AUC and APCER / BPCER / ACER;
+    summarize.py puts it beside the paper's EER of its cell."""
     out = str(tmp_path / "run")
     before = train(flags(spoof_dir, out) + ["--test-only"])
     eer_before = float(before.split("Test: EER ")[1].split("%")[0])
@@ -170,13 +171,36 @@ def test_resnet18_learns_the_generated_set(spoof_dir, tmp_path):
         records = [json.loads(line) for line in f]
     last = records[-1]
     assert {"eer", "auc", "apcer", "bpcer", "acer", "eer_threshold"} <= set(last)
-    print(f"generated set EER: before {eer_before:.2f}%, after {last['eer']:.2f}% (epoch {last['epoch']})")
     assert eer_before >= 30.0 and last["eer"] <= 15.0 and last["auc"] >= 0.9
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(os.path.join(out, "tensorboard"))
     events.Reload()
     assert [e.value for e in events.Scalars("val/eer")][-1] == pytest.approx(last["eer"])
+    import summarize
+
+    assert summarize.main([out]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| 1.6 (Baseline) |" in line)
+    assert row.startswith(f"| {out} | baseline | resnet18 | 6/6 | {min(r['eer'] for r in records):.2f} / {last['eer']:.2f} |")
+    with capsys.disabled():
+        print(f"\ngenerated set EER: before {eer_before:.2f}%, after {last['eer']:.2f}% (epoch {last['epoch']})")
+
+
+@pytest.mark.parametrize("student", ["resnet18", "inception_v3", "resnext26"])
+def test_each_table4_cell_has_its_config(student):
+    """One YAML per cell: the student alone, Hinton KD and the paper's CAKD from ViT-L/16 on the
+    shared set-up, each beside the paper's EER in summarize's table."""
+    from cakd.train.config import parse_args
+    from cakd.train.published import published_eer
+
+    paper = {"resnet18": (1.6, 1.6, 1.3), "inception_v3": (1.4, 1.4, 1.1), "resnext26": (1.3, 1.3, 0.9)}[student]
+    for (recipe, file), eer in zip((("baseline", "baseline"), ("kd", "logits"), ("cakd", "cakd")), paper):
+        args = parse_args(["--config", os.path.join(ROOT, "configs", "celeba_spoof", f"{student}_{file}.yaml")])
+        assert (args.recipe, args.model, args.dataset, args.train_crop_size) == (recipe, student, "celeba_spoof", 224)
+        if recipe != "baseline":
+            assert (args.teacher, args.teacher_weights) == ("vit_l_16", "runs/celeba_spoof/teacher/checkpoint.pth")
+        assert published_eer(recipe, student, args.teacher)[1] == eer
+    assert parse_args(["--config", os.path.join(ROOT, "configs", "celeba_spoof", "cakd.yaml")]).pca_form == "paper"
 
 
 def copy_set(spoof_dir, tmp_path):
