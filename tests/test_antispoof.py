@@ -108,7 +108,7 @@ def test_metrics_gather_every_rank_exactly(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_gather_worker, args=(port, shares, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.start_processes(_gather_worker, args=(port, shares, str(tmp_path)), nprocs=2, start_method="fork")
     scores = [z1 - z0 for share in shares for logits, _ in share for z0, z1 in logits]
     labels = [y for share in shares for _, targets in share for y in targets]
     want = plain_metrics(scores, labels)

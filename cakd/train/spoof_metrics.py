@@ -57,13 +57,14 @@ class SpoofScores:
         self.scores, self.labels = [], []
 
     def update(self, logits, targets):
-        self.scores += spoof_scores(logits).tolist()
-        self.labels += targets.tolist()
+        self.scores.append(spoof_scores(logits))  # kept on the device: read back once, in compute
+        self.labels.append(targets)
 
     def compute(self, header="Test:"):
         """:func:`antispoof_metrics` of every rank's images (a collective: every rank calls it)."""
+        mine = [torch.cat(self.scores).tolist(), torch.cat(self.labels).tolist()] if self.scores else [[], []]
         scores, labels = [], []
-        for rank_scores, rank_labels in all_gather_object((self.scores, self.labels)):
+        for rank_scores, rank_labels in all_gather_object(mine):
             scores += rank_scores
             labels += rank_labels
         metrics = antispoof_metrics(scores, labels)
