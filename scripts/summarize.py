@@ -229,7 +229,7 @@ def spoof_table(runs):
             else:
                 cells.append(f"{values[-1]:.4f}" if metric == "auc" else number(values[-1]))
         paper = published_eer(run["recipe"], run["model"], run["teacher"])
-        cells.append(f"{paper[1]:.1f} ({paper[0]})" if paper else "–")
+        cells.append(f"{paper[1]:.1f}, {paper[0]}" if paper else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -180,7 +180,7 @@ def test_resnet18_learns_the_generated_set(spoof_dir, tmp_path, capsys):
     import summarize
 
     assert summarize.main([out]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if "| 1.6 (Baseline) |" in line)
+    row = next(line for line in capsys.readouterr().out.splitlines() if "| 1.6, Baseline |" in line)
     assert row.startswith(f"| {out} | baseline | resnet18 | 6/6 | {min(r['eer'] for r in records):.2f} / {last['eer']:.2f} |")
     with capsys.disabled():
         print(f"\ngenerated set EER: before {eer_before:.2f}%, after {last['eer']:.2f}% (epoch {last['epoch']})")
