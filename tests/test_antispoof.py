@@ -18,7 +18,7 @@ import cakd
 from conftest import tiny_vit
 from make_celeba_spoof import make_celeba_spoof
 from cakd.train import main
-from cakd.train.celeba_spoof import CelebASpoof
+from cakd.train.celeba_spoof import CelebASpoof, box_path
 from cakd.train.spoof_metrics import SpoofScores, antispoof_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,10 +209,13 @@ def copy_set(spoof_dir, tmp_path):
     return root
 
 
-def one_error_line(capsys, argv):
+def one_error_line(capsys, argv, trained=False):
+    """Exit status 1 and one ``error:`` line on stderr, after an epoch of training or before any."""
     assert main(argv) == 1
-    lines = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert ("Epoch: [0]" in captured.out) == trained
     return lines[0]
 
 
@@ -235,9 +238,15 @@ def test_bad_input_ends_in_one_line_naming_the_file(spoof_dir, tmp_path, capsys)
         box = os.path.join(root, sorted(json.load(f))[0])[: -len(".png")] + "_BB.txt"
     with open(box, "w") as f:
         f.write("x=1 y=2\n")
-    line = one_error_line(capsys, flags(root, str(tmp_path / "c")) + ["--epochs", "1"])
+    line = one_error_line(capsys, flags(root, str(tmp_path / "c")) + ["--epochs", "1"], trained=True)
     assert box in line and "does not parse" in line
     assert not os.path.exists(tmp_path / "c" / "checkpoint.pth")
+
+    test_box = box_path(image)  # a test image's box is read before the first epoch
+    with open(test_box, "w") as f:
+        f.write("10 20 0 0 0.9\n")  # no face
+    line = one_error_line(capsys, flags(root, str(tmp_path / "d")) + ["--epochs", "1"])
+    assert test_box in line and "does not parse" in line
 
 
 # ----------------------------------------------------------------------------------------------
