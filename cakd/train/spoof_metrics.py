@@ -4,14 +4,15 @@
 
 An image's spoof score is its log-odds of spoof, ``z_spoof - z_live`` (the softmax probability of
 class 1 in logit units: the same order, without the ties that float rounding makes at 0 and 1);
-an image is called a spoof when its score is at least the threshold t. APCER(t), attacks taken for live faces (false acceptance),
-is the share of spoofs scoring below t; BPCER(t), live faces rejected (false rejection), the share
-of live faces scoring t or more; ACER is their mean. The thresholds tried are the scores seen
-(+inf, everything live, ties with the lowest score, everything spoof, so is never picked); the EER
-threshold is the one where APCER and BPCER are closest (a tie: the one with the smaller sum, then
-the lowest threshold), and the EER is their mean there, so it equals the ACER at that threshold. AUC: the chance that a spoof scores above a live face, a tie
-counting one half. Every test image's score is gathered from every rank first, so the numbers are
-those of the whole test set, whatever the number of processes.
+an image is called a spoof when its score is at least the threshold t. APCER(t), attacks taken
+for live faces (false acceptance), is the share of spoofs scoring below t; BPCER(t), live faces
+rejected (false rejection), the share of live faces scoring t or more; ACER is their mean. The
+thresholds tried are the scores seen (+inf, everything live, ties with the lowest score,
+everything spoof, so is never picked); the EER threshold is the one where APCER and BPCER are
+closest (a tie: the one with the smaller sum, then the lowest threshold), and the EER is their
+mean there, so it equals the ACER at that threshold. AUC: the chance that a spoof scores above a
+live face, a tie counting one half. Every test image's score is gathered from every rank first,
+so the numbers are those of the whole test set, whatever the number of processes.
 """
 import torch
 
