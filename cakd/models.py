@@ -130,6 +130,12 @@ def no_weights(weights) -> bool:
     return weights is None or str(weights).lower() in ("", "none")
 
 
+def check_student_input(name: str, image_size: int):
+    """Refuse, in words, an input size the student cannot take (Inception-v3 below 75 pixels)."""
+    if image_size < MIN_IMAGE_SIZE.get(name, 0):
+        raise ValueError(f"{name} needs images of at least {MIN_IMAGE_SIZE[name]}x{MIN_IMAGE_SIZE[name]}, not {image_size}: raise the crop size")
+
+
 def build_student(name: str, num_classes: int = 1000, weights=None, image_size: int = 224) -> nn.Module:
     """A plain torchvision model, randomly initialised (the released recipes train from scratch).
 
@@ -142,8 +148,7 @@ def build_student(name: str, num_classes: int = 1000, weights=None, image_size: 
 
     if name not in student_names():
         raise ValueError(f"unknown student {name!r}: choose one of {', '.join(student_names())}")
-    if image_size < MIN_IMAGE_SIZE.get(name, 0):
-        raise ValueError(f"{name} needs images of at least {MIN_IMAGE_SIZE[name]}x{MIN_IMAGE_SIZE[name]}, not {image_size}: raise the crop size")
+    check_student_input(name, image_size)
     model = architecture(name, num_classes, image_size)
     if not no_weights(weights):
         state = load_state_dict(name, weights, role="student")

@@ -281,6 +281,11 @@ def test_table4_students_step_in_every_recipe_with_gradients_on_every_projector(
         assert distiller.trainable.taps.stage == "Mixed_6e" and distiller.trainable.grid == 6
 
 
-def test_inception_v3_refuses_images_below_75_pixels():
+def test_inception_v3_refuses_images_below_75_pixels(tmp_path, capsys):
     with pytest.raises(ValueError, match="inception_v3 needs images of at least 75x75, not 64"):
         cakd.build_student("inception_v3", num_classes=2, image_size=64)
+    for recipe in ("baseline", "cakd"):  # cakd: its pair check, before the student is built
+        line = one_error_line(capsys, ["--recipe", recipe, "--model", "inception_v3", "--teacher", "vit_b_16", "--teacher-weights",
+                                       "none", "--train-crop-size", "64", "--dataset", "synthetic", "--synthetic-size", "8",
+                                       "--num-classes", "2", "--device", "cpu", "--output-dir", str(tmp_path / recipe)])
+        assert line == "error: inception_v3 needs images of at least 75x75, not 64: raise the crop size"
