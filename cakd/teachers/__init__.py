@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models import architecture, classifier_key, load_state_dict, no_weights, student_layout
+from ..models import architecture, check_student_input, classifier_key, load_state_dict, no_weights, student_layout
 from .base import TeacherFamily, TeacherTaps
 
 REGISTRY = {}  # teacher name -> its family (an instance), in registration order
@@ -126,6 +126,7 @@ def check_pair(student: str, teacher: str, image_size: int):
     """Raise the distiller's error for a pair of model names whose grids cannot meet, before
     anything is built or downloaded (both are looked at on the meta device)."""
     grid = token_grid(check_teacher_input(teacher, image_size), image_size, teacher)
+    check_student_input(student, image_size)
     with torch.device("meta"):
         student_layout(architecture(student), image_size, student).stage_for(grid)
 

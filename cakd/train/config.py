@@ -180,8 +180,9 @@ def get_args_parser(add_help=True):
     g.add_argument(
         "--dataset",
         default="imagefolder",
-        choices=["imagefolder", "cifar100", "synthetic"],
-        help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images",
+        choices=["imagefolder", "cifar100", "synthetic", "celeba_spoof"],
+        help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images; "
+        "celeba_spoof: CelebA-Spoof (DATA/Data/, DATA/metas/intra_test/), live vs spoof faces, also scored by EER",
     )
     g.add_argument("--download", default=False, action=Switch, help="cifar100: fetch the dataset into --data-path first (once)")
     g.add_argument("--synthetic-size", default=1024, type=int, help="training images of --dataset synthetic")

@@ -391,8 +391,8 @@ def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224
     ``synthetic_size``: its training images; ``download``: fetch CIFAR-100 first; ``cache_dir``:
     where an image folder's listing is cached (:func:`_image_folder`).
     """
-    if dataset not in ("imagefolder", "cifar100", "synthetic"):
-        raise ValueError(f"unknown dataset {dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
+    if dataset not in ("imagefolder", "cifar100", "synthetic", "celeba_spoof"):
+        raise ValueError(f"unknown dataset {dataset!r}: use 'imagefolder', 'cifar100', 'synthetic' or 'celeba_spoof'")
     interpolation = InterpolationMode(interpolation)
     train_transform = ClassificationPresetTrain(
         crop_size=train_crop_size,
@@ -417,6 +417,11 @@ def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224
         train, val = _cifar100(data_path, download, train_transform, val_transform)
         return train, val, len(train.classes)
 
+    if dataset == "celeba_spoof":  # face anti-spoofing (Table 4): live / spoof, faces cut out by their boxes
+        from .celeba_spoof import celeba_spoof  # here: that module reads this one's DataError and load_image
+
+        train, val = celeba_spoof(data_path, train_transform, val_transform)
+        return train, val, len(train.classes)
     train_dir, val_dir = _check_layout(data_path)
     train = _image_folder(train_dir, train_transform, cache_dir)
     val = _image_folder(val_dir, val_transform, cache_dir)

@@ -209,10 +209,11 @@ def mean_loss(logger, device):
 
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:",
-             stop=None):
+             stop=None, scores=None):
     """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks; a progress line
     every ``print_freq`` batches; ``stop``: a :class:`signals.StopRequest` that ends the pass
-    early (:func:`evaluation_stop`)."""
+    early (:func:`evaluation_stop`); ``scores`` (a ``spoof_metrics.SpoofScores``): also given
+    each batch's logits and labels."""
     model.eval()
     accuracy = Accuracy(device)
     logger = MetricLogger()
@@ -225,6 +226,8 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
         with autocast(amp_dtype, device.type):
             logits = model(images)
         accuracy.update(logits.float(), targets)
+        if scores is not None:
+            scores.update(logits, targets)
         stopping(i)
     (acc1, acc5), count = accuracy.compute()
     print_main(f"{header} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")

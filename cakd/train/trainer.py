@@ -33,6 +33,7 @@ from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, e
 from .resume import EPOCH_END_ONLY, refused_change
 from .rundir import claim
 from .signals import StopRequest
+from .spoof_metrics import SpoofScores
 
 
 class Run:
@@ -333,11 +334,18 @@ class Run:
                 ema = evaluate_views(self.ema.module, self.val_loader, self.device, header="Test: EMA", **options)
                 results.update({"ema_" + key: value for key, value in ema.items()})
             return results
-        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:", **options)
+        spoof = SpoofScores() if self.num_classes == 2 else None  # live / spoof: also the EER and its kin
+        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:",
+                                                    scores=spoof, **options)
+        if spoof is not None:
+            results.update(spoof.compute("Test:"))
         if self.ema is not None:
+            spoof = SpoofScores() if self.num_classes == 2 else None
             results["ema_acc1"], results["ema_acc5"] = evaluate(
-                self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
+                self.ema.module, self.val_loader, self.device, header="Test: EMA", scores=spoof, **options
             )
+            if spoof is not None:
+                results.update({"ema_" + key: value for key, value in spoof.compute("Test: EMA").items()})
         return results
 
 
