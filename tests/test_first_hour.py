@@ -53,3 +53,155 @@ def test_the_trainer_refuses_a_negative_lr_before_building_anything(tmp_path, ca
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == ["error: --lr -1.0: a learning rate cannot be negative; give 0 or more; see --help"]
     assert not out.exists()
+
+
+# ---- a failed start leaves the run folder as it was (29.3, 28.5, 28.7) -------------------------
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from make_image_folder import make_image_folder
+
+    return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=3, train_per_class=4, val_per_class=2, size=64)
+
+
+@pytest.fixture(scope="module")
+def four_classes(tmp_path_factory):
+    from make_image_folder import make_image_folder
+
+    return make_image_folder(str(tmp_path_factory.mktemp("four")), num_classes=4, train_per_class=2, val_per_class=1, size=64)
+
+
+def flags(data, out, recipe="baseline", epochs=1):
+    from test_train import small_flags
+
+    return small_flags(recipe, data, out, epochs=epochs) + ["--cache-dataset"]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A finished 1-epoch baseline run folder."""
+    from cakd.train import main
+
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    assert main(flags(data, out)) == 0
+    return out
+
+
+def snapshot(folder):
+    """Every file (the lock too) and folder under ``folder``, files with their bytes; None when
+    there is no ``folder``."""
+    if not os.path.exists(folder):
+        return None
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            found[os.path.relpath(os.path.join(root, name), folder) + "/"] = None
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def user_files(folder):
+    """A folder a user already has things in, as ``--output-dir .`` in a clone."""
+    os.makedirs(folder)
+    for name, text in (("notes.txt", b"mine"), ("draft.tmp", b"an editor's"), (".tmp-mine", b"mine too")):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(text)
+    return folder
+
+
+def garbage(path):
+    with open(path, "wb") as f:
+        f.write(b"not a checkpoint")
+    return path
+
+
+FAILED_STARTS = {
+    "missing data": (lambda d, tmp: ["--data-path", str(tmp / "nowhere")], "nowhere does not exist"),
+    "unreadable teacher file": (lambda d, tmp: ["--recipe", "cakd", "--teacher-weights", garbage(str(tmp / "t.pth"))], "t.pth"),
+    "crop the teacher refuses": (lambda d, tmp: ["--recipe", "cakd", "--train-crop-size", "72"], "--train-crop-size 72"),
+    "unreadable resume file": (lambda d, tmp: ["--resume", garbage(str(tmp / "r.pth"))], "r.pth"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_STARTS))
+@pytest.mark.parametrize("folder", ["with user files", "missing"])
+def test_a_failed_start_leaves_the_folder_as_it_was(case, folder, data, tmp_path, capsys):
+    from test_train import run_main
+
+    out = str(tmp_path / "parent" / "run")
+    if folder == "with user files":
+        user_files(out)
+    before = snapshot(out)
+    extra, shown = FAILED_STARTS[case]
+    code, err = run_main(flags(data, out) + extra(data, tmp_path), capsys)
+    assert code == 1 and len(err) == 1 and shown in err[0], err
+    assert snapshot(out) == before  # no .lock, config.yaml, tensorboard/, dataset_cache.json; draft.tmp kept
+    assert folder != "missing" or not os.path.exists(str(tmp_path / "parent"))
+
+
+@pytest.mark.parametrize("extra, shown", [
+    (lambda four, tmp: ["--data-path", four], "size mismatch"),  # 4 classes where the checkpoint has 3
+    (lambda four, tmp: ["--data-path", str(tmp / "moved")], "moved does not exist"),
+])
+def test_a_refused_resume_leaves_the_folder_as_it_was(extra, shown, data, four_classes, trained, tmp_path, capsys):
+    import shutil
+
+    from test_train import run_main
+
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    code, err = run_main(flags(data, out) + ["--epochs", "2", "--resume", "auto", *extra(four_classes, tmp_path)], capsys)
+    assert code == 1 and len(err) == 1 and shown in err[0], err
+    assert snapshot(out) == before  # config.yaml not rewritten, no second TensorBoard file, the lock's line as it was
+
+
+def test_a_refused_fresh_start_deletes_nothing_and_a_start_removes_only_its_own_leftovers(data, trained, tmp_path, capsys):
+    import shutil
+
+    from cakd.train import main
+    from test_train import run_main
+
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    for name in ("draft.tmp", ".tmp-mine", "config.yaml.tmp"):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(b"not ours")
+    with open(os.path.join(out, ".tmp-ab3_x9zq.pth"), "wb") as f:  # a save cut short: the name the atomic writer gives
+        f.write(b"half a checkpoint")
+    before = snapshot(out)
+    code, err = run_main(flags(data, out), capsys)
+    assert code == 1 and len(err) == 1 and "checkpoint.pth exists and this run starts fresh" in err[0]
+    assert snapshot(out) == before
+    assert main(flags(data, out) + ["--epochs", "2", "--resume", "auto"]) == 0
+    names = set(os.listdir(out))
+    assert {"draft.tmp", ".tmp-mine", "config.yaml.tmp"} <= names and ".tmp-ab3_x9zq.pth" not in names
+
+
+def test_the_lock_is_taken_on_the_file_at_its_path(tmp_path, monkeypatch):
+    """A start that fails removes the lock file it made; a run that opened that file just before
+    must not hold a lock on the removed file (a third run would take the new one: two in the
+    folder). Here the file goes between the open and the flock: the lock is taken again."""
+    from cakd.train import rundir
+
+    path = str(tmp_path / rundir.LOCK_FILE)
+    with open(path, "w") as f:
+        f.write("pid 1 on elsewhere")
+    real_flock, calls = rundir.fcntl.flock, []
+
+    def flock_after_the_file_went(fd, flags):
+        calls.append(fd)
+        if len(calls) == 1:
+            os.remove(path)  # the failed start's release, between this run's open and flock
+        return real_flock(fd, flags)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", flock_after_the_file_went)
+    held = rundir.Lock(str(tmp_path))
+    assert len(calls) == 2 and os.path.samestat(os.fstat(held.fd), os.stat(path)) and held.created
+    monkeypatch.setattr(rundir.fcntl, "flock", real_flock)
+    with pytest.raises(rundir.UserError, match="is in use by another run"):
+        rundir.Lock(str(tmp_path))
+    held.release(leave_as_found=True)  # made by this start: removed
+    assert not os.path.exists(path)
+

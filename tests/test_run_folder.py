@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from cakd.train import main
-from cakd.train.rundir import lock
+from cakd.train.rundir import Lock
 from make_image_folder import make_image_folder
 from test_train import ROOT, assert_same_state, run_main, small_flags
 
@@ -78,9 +78,25 @@ def contents(folder):
     return found
 
 
+def frozen(pid):
+    """Wait until every thread of process ``pid`` is stopped (SIGSTOP): it writes nothing more."""
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        if all(state in "tTZX" for state in states):  # stopped (or gone)
+            return
+        time.sleep(0.01)
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
     """A requeued job while the old one still runs: the second trainer says who holds the folder
-    and writes nothing; the first goes on (and here saves on SIGTERM)."""
+    and writes nothing; the first goes on (and here saves on SIGTERM). The first is frozen
+    (SIGSTOP) while the second tries, so the folder compared is one that only the second could change."""
     out = str(tmp_path / "run")
     flags = small_flags("cakd", data, out, epochs=3)
     proc = subprocess.Popen([sys.executable, "-m", "cakd.train", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -89,17 +105,20 @@ def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
     for line in proc.stdout:
         output.append(line)
         if "Epoch: [0] [1/6]" in line:
-            before = contents(out)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            frozen(proc.pid)
+            before, holder = contents(out), open(os.path.join(out, ".lock"), "rb").read()
             code, err = run_main(flags + ["--resume", "auto"], capsys)
-            assert contents(out) == before
+            assert contents(out) == before and open(os.path.join(out, ".lock"), "rb").read() == holder
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)
             break
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(output) + rest
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: {out} is in use by another run (pid {proc.pid} on {socket.gethostname()}, since ")
     assert err[0].endswith("): wait for it to end, or give this run another --output-dir")
-    os.close(lock(out))  # the lock went with the process: free for the next run
+    Lock(out).release()  # the lock went with the process: free for the next run
 
 
 def test_a_fresh_start_over_a_checkpoint_is_refused_and_start_over_moves_it_aside(data, trained, tmp_path, capsys):

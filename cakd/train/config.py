@@ -16,6 +16,7 @@ import sys
 
 import yaml
 
+from ..checkpoint import write_text_atomic
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
 from ..models import student_names
@@ -473,9 +474,5 @@ def saved_args(args):
 
 def save_config(args, path):
     """The effective configuration, loadable again with ``--config``."""
-    data = saved_args(args)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(saved_args(args), sort_keys=True))
 

@@ -17,20 +17,20 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic
+from ..checkpoint import save_atomic, write_text_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
 from ..models import build_student, no_weights
 from ..teachers import build_teacher, check_teacher_input
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, write_listing_cache
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .errors import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
 from .resume import EPOCH_END_ONLY, refused_change
-from .rundir import claim
+from .rundir import RunFolder
 from .signals import StopRequest
 
 
@@ -58,6 +58,7 @@ class Run:
                 raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(**dataset_options(args))
         self.num_classes = num_classes
+        self.datasets = (train_set, val_set)  # their listings go to the dataset cache once the run may write
         self.train_loader, self.val_loader, _ = build_loaders(
             train_set, val_set, num_classes, distributed=args.distributed, **loader_options(args)
         )
@@ -129,7 +130,7 @@ class Run:
     def _map_images(self, val_set, count=4):
         """The first validation images, at the training crop, whose attention maps go to
         TensorBoard after each evaluation (rank 0, a run with an attention projector)."""
-        if self.tensorboard.writer is None or getattr(self.distiller.trainable, "pca_proj", None) is None:
+        if self.tensorboard.log_dir is None or getattr(self.distiller.trainable, "pca_proj", None) is None:
             return None
         images = torch.stack([val_set[i][0] for i in range(min(count, len(val_set)))])
         size = self.args.train_crop_size
@@ -363,21 +364,22 @@ def train(args):
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts:
         print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
-    folder_lock = claim_output_dir(args) if args.output_dir and not args.test_only else None
+    folder = RunFolder(args) if args.output_dir and not args.test_only and dist_utils.is_main_process() else None
     try:
-        return _train(args, stop)
+        on_output_dir(args, folder and folder.claim)
+        return _train(args, stop, folder)
     finally:
-        if folder_lock is not None:
-            os.close(folder_lock)
+        if folder is not None:
+            folder.release()
 
 
-def claim_output_dir(args):
-    """Rank 0 claims the run folder (:func:`rundir.claim`): returns its lock's descriptor (None on
-    the other ranks). Every rank raises the same refusal."""
-    fd = aside = error = None
-    if dist_utils.is_main_process():
+def on_output_dir(args, step):
+    """Rank 0 does ``step(args)`` on the run folder (:class:`rundir.RunFolder`; None: nothing, as on
+    the other ranks) and returns what it returns there; every rank raises the same refusal."""
+    result = error = None
+    if step is not None:
         try:
-            fd, aside = claim(args)
+            result = step(args)
         except UserError as refusal:
             error = str(refusal)
         except OSError as failure:
@@ -385,9 +387,7 @@ def claim_output_dir(args):
     error = dist_utils.all_gather_object(error)[0]
     if error:
         raise UserError(error)
-    if aside:
-        print_main(f"--start-over: the previous run's files are in {aside}")
-    return fd
+    return result
 
 
 def check_resume(args):
@@ -412,7 +412,7 @@ def check_resume(args):
     )
 
 
-def _train(args, stop):
+def _train(args, stop, folder=None):
     if args.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
@@ -422,21 +422,30 @@ def _train(args, stop):
     args.resume = resume_path(args)
     if args.resume and not args.test_only:
         check_resume(args)
-    if args.output_dir and not args.test_only and dist_utils.is_main_process():  # the checks passed: what runs
-        save_config(args, os.path.join(args.output_dir, "config.yaml"))
-    run = Run(args)
+    run = Run(args)  # data found, teacher file read, crop valid
     if not args.test_only:
         print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
-        start_epoch, start_step = run.restore(args.resume)
+        start_epoch, start_step = run.restore(args.resume)  # the resume accepted
         if not args.test_only and start_epoch >= args.epochs:
             print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
                        "(raise --epochs to train on, or evaluate it with --test-only)")
-            run.tensorboard.close()
             return {}
+    if not args.test_only:  # the checks passed: from here on the run writes in its folder
+
+        def start(args):
+            aside = folder.start(args)
+            write_listing_cache(*run.datasets)
+            save_config(args, os.path.join(args.output_dir, "config.yaml"))  # what runs
+            return aside
+
+        aside = on_output_dir(args, folder and start)
+        if aside:
+            print_main(f"--start-over: the previous run's files are in {aside}")
+    if args.resume:
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
-        if dist_utils.is_main_process() and args.output_dir and not args.test_only:
+        if folder is not None and not args.test_only:
             _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
     elif args.test_only and args.weights:
         run.distiller.student.load_state_dict(_student_weights(args.weights))
@@ -495,6 +504,8 @@ def resume_path(args):
     """``--resume auto``: OUTPUT_DIR/checkpoint.pth when rank 0 sees it, else a fresh start."""
     if args.resume != "auto":
         return args.resume
+    if args.start_over:  # the run that is there goes aside (RunFolder.start)
+        return ""
     path = os.path.join(args.output_dir or ".", "checkpoint.pth")
     found = dist_utils.all_gather_object(os.path.isfile(path))[0]  # every rank takes rank 0's answer
     if found:
@@ -516,9 +527,7 @@ def _drop_metrics_from(path, epoch):
         return
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, "".join(kept))
 
 
 def main(argv=None):
