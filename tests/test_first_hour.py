@@ -205,3 +205,101 @@ def test_the_lock_is_taken_on_the_file_at_its_path(tmp_path, monkeypatch):
     held.release(leave_as_found=True)  # made by this start: removed
     assert not os.path.exists(path)
 
+
+@pytest.mark.parametrize("script, env", [("run_cifar100.sh", {}), ("run_cakd.sh", {"SEEDS": "0 1"})])
+def test_an_experiment_scripts_help_is_the_help_only(script, env, tmp_path):
+    """run_cifar100.sh --help: the first step's help, not a "stopped before its last epoch" line
+    after it (nor the next steps); with SEEDS, once, not once per seed. Nothing is written."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT
+
+    env = {**os.environ, **env, "PYTHONPATH": ROOT, "OUTPUT_DIR": str(tmp_path / "runs"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["sh", os.path.join(ROOT, "experiments", script), "--help"], capture_output=True, text=True,
+                            env=env, cwd=str(tmp_path), timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.count("usage: python -m cakd.train") == 1 and result.stdout.rstrip().endswith(")")
+    assert "stopped before" not in result.stdout and not os.path.exists(tmp_path / "runs")
+
+
+def test_the_launcher_that_gets_the_sigterm_says_so(monkeypatch, capsys):
+    """In a two-node run rank 0 (which says what it saved) may be on the other node: the launcher
+    that receives the SIGTERM writes a line in its own node's log."""
+    import signal
+    import socket
+
+    from cakd.train import launch
+
+    started = []
+    monkeypatch.setenv(launch.STOP_ENV, "0")  # restored after the test: a later run in this process must not stop
+    monkeypatch.setattr(launch.threading, "Thread", lambda **kwargs: started.append(kwargs) or type("T", (), {"start": lambda self: None})())
+    launch.on_sigterm(signal.SIGTERM, None)
+    launch.on_sigterm(signal.SIGTERM, None)  # a second: passed on already, said once
+    assert capsys.readouterr().out.splitlines() == [
+        f"SIGTERM to the launcher on {socket.gethostname()}: passed on to this node's ranks, which save and stop"
+    ]
+    assert len(started) == 1 and started[0]["args"] == (signal.SIGTERM,)
+
+
+def test_the_header_says_1_epoch_and_rkd_says_when_its_batch_is_too_small():
+    """The run's first line: "1 epoch", and for RKD with under 3 images per process a note that its
+    relations are empty (loss_rkd logs 0 at every step, which a newcomer would not guess)."""
+    from types import SimpleNamespace
+
+    from cakd.distillers import build_distiller
+    from cakd.losses import rkd_loss
+    from cakd.train.trainer import Run
+    from conftest import tiny_vit
+
+    import cakd
+
+    torch.manual_seed(0)
+    student, teacher = cakd.build_student("resnet18", num_classes=10), tiny_vit()
+    rkd = build_distiller("rkd", student, teacher, image_size=64)
+
+    def header(batch_size, epochs=1):
+        args = SimpleNamespace(model="resnet18", teacher="vit_b_16", teacher_weights="none", recipe="rkd", world_size=2,
+                               batch_size=batch_size, epochs=epochs)
+        return Run.header(SimpleNamespace(args=args, distiller=rkd)).splitlines()
+
+    assert header(3) == ["cakd.train: rkd recipe, resnet18 <- vit_b_16 (none), 2 process(es) x 3 images = 6 per step, 1 epoch"]
+    assert header(3, epochs=2)[0].endswith("6 per step, 2 epochs")
+    assert header(2)[1:] == [
+        "  note: 2 image(s) per process: RKD's angle term has no triplet and its distance term no two distances to compare, "
+        "so loss_rkd is 0 at every step; use --batch-size 3 or more"
+    ]
+    # what the note says: a batch of two gives 0 whatever the embeddings
+    assert rkd_loss(torch.randn(2, 8), torch.randn(2, 5)).item() == 0.0
+    assert rkd_loss(torch.randn(3, 8), torch.randn(3, 5)).item() > 0.0
+
+
+def test_the_random_teacher_warning_goes_to_stderr(data, tmp_path, capsys):
+    from cakd.train import main
+    from test_train import RANDOM_TEACHER, small_flags
+
+    assert main(small_flags("cakd", data, str(tmp_path / "out"), epochs=1) + ["--iters-per-epoch", "1"]) == 0
+    captured = capsys.readouterr()
+    assert RANDOM_TEACHER in captured.err.splitlines() and "warning" not in captured.out
+    assert "4 images = 4 per step, 1 epoch\n" in captured.out
+
+
+def test_a_plot_of_one_epoch_runs_has_whole_epoch_ticks_and_points_side_by_side(tmp_path):
+    """summarize.py --plot of three one-epoch runs (two with the same top-1, each with its EMA):
+    the x axis shows epoch 0 (not ticks from -0.04 to 0.04), and no two markers sit on each other."""
+    from test_scripts import SCRIPTS, synthesized_run
+
+    summarize = SCRIPTS["summarize"]
+    runs = [synthesized_run(str(tmp_path / name), "baseline", 1, [{"epoch": 0, "acc1": top1, "ema_acc1": top1}])
+            for name, top1 in (("a", 33.0), ("b", 33.0), ("c", 50.0))]
+    fig = summarize.plot([summarize.read_run(run) for run in runs], 500, 300)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert list(ax.get_xticks()) == [0] and ax.get_xlim() == (-0.5, 0.5)
+    markers = [(x, y) for line in ax.get_lines() if line.get_linestyle() != "--" for x, y in line.get_xydata().tolist()]
+    assert len(markers) == 6 and len(set(markers)) == 6 and all(-0.5 < x < 0.5 for x, _ in markers)
+    # a longer run keeps its own axis and points
+    longer = synthesized_run(str(tmp_path / "d"), "baseline", 5, [{"epoch": e, "acc1": 10.0 * e} for e in range(5)])
+    fig = summarize.plot([summarize.read_run(longer)], 500, 300)
+    assert fig.axes[0].get_lines()[0].get_xydata()[:, 0].tolist() == [0, 1, 2, 3, 4]

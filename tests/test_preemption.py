@@ -14,7 +14,7 @@ import torch
 
 from cakd.train.launch import children
 from make_image_folder import make_image_folder
-from test_train import ROOT, assert_same_state, free_port
+from test_train import RANDOM_TEACHER, ROOT, assert_same_state, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
@@ -120,7 +120,7 @@ def test_sigterm_at_the_launcher_then_at_every_process_saves_and_resumes_exactly
     out = str(tmp_path / "run")
     # 1. at the launcher (torchrun's own process), mid-epoch 0
     code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [0] [2/", lambda p: p.send_signal(signal.SIGTERM), tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = step_of(out)
     assert 2 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in stdout
 
@@ -134,7 +134,7 @@ def test_sigterm_at_the_launcher_then_at_every_process_saves_and_resumes_exactly
             os.kill(pid, signal.SIGTERM)
 
     code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [1] [2/", everyone, tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]  # no worker "killed by signal", no traceback
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]  # no worker "killed by signal", no traceback
     assert len(signalled) >= 2 + 2 * 2  # the ranks and their 2 loader workers each
     assert f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in stdout  # auto, existing
     step = step_of(out)
@@ -154,7 +154,7 @@ def test_ctrl_c_at_the_launcher_saves_a_second_stops_and_the_resume_is_exact(dat
     run then resumed to its end equals the uninterrupted one in every entry."""
     out = str(tmp_path / "run")
     code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [0] [2/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = step_of(out)
     assert 2 < step < 6 and f"SIGINT: saved epoch 0 step {step}" in stdout
 
@@ -165,6 +165,7 @@ def test_ctrl_c_at_the_launcher_saves_a_second_stops_and_the_resume_is_exact(dat
 
     code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [1] [2/", twice, tmp_path)
     assert code == 130 and stderr.splitlines() == [
+        RANDOM_TEACHER,
         "error: stopped at once by a second Ctrl-C: the run folder keeps its last checkpoint (--resume auto goes on from it)"
     ], stderr[-3000:]
     code, stdout, stderr = run(launch(flags(data, out)), tmp_path=tmp_path)

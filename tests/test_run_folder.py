@@ -17,7 +17,7 @@ import yaml
 from cakd.train import main
 from cakd.train.rundir import Lock
 from make_image_folder import make_image_folder
-from test_train import ROOT, assert_same_state, run_main, small_flags
+from test_train import RANDOM_TEACHER, ROOT, assert_same_state, run_main, small_flags
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -281,7 +281,7 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(data, tmp_path):
         return proc.wait(timeout=300), "".join(output), proc.stderr.read()
 
     code, stdout, stderr = interrupted(out, 1)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert 1 < step < 6 and f"SIGINT: saved epoch 0 step {step} to {out}/checkpoint.pth" in stdout
     results = [subprocess.run(train + flags(folder), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
@@ -295,6 +295,7 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(data, tmp_path):
 
     code, stdout, stderr = interrupted(twice, 2)
     assert code == 130 and stderr.splitlines() == [
+        RANDOM_TEACHER,
         "error: stopped at once by a second Ctrl-C: the run folder keeps its last checkpoint (--resume auto goes on from it)"
     ], stderr[-3000:]
     assert not os.path.exists(os.path.join(twice, "checkpoint.pth"))

@@ -173,7 +173,7 @@ class Run:
         args = self.args
         random_teacher = no_weights(args.teacher_weights)
         if random_teacher:
-            print_main("warning: --teacher-weights none: a random teacher, for smoke runs only")
+            print_main("warning: --teacher-weights none: a random teacher, for smoke runs only", file=sys.stderr)
         try:
             return build_teacher(
                 args.teacher,
@@ -269,10 +269,10 @@ class Run:
         a = self.args
         pair = f"{a.model} <- {a.teacher} ({a.teacher_weights})" if self.distiller.teacher is not None else f"{a.model} alone"
         line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
-                f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
-        schedule = self.distiller.schedule_line(a.epochs)
-        if schedule:
-            line += "\n  " + schedule
+                f"{a.world_size * a.batch_size} per step, {a.epochs} epoch{'' if a.epochs == 1 else 's'}")
+        for note in (self.distiller.schedule_line(a.epochs), self.distiller.batch_line(a.batch_size)):
+            if note:
+                line += "\n  " + note
         return line
 
     # ---- training and evaluation -----------------------------------------------------
@@ -429,7 +429,8 @@ def _train(args, stop, folder=None):
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)  # the resume accepted
         if not args.test_only and start_epoch >= args.epochs:
-            print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
+            epochs = f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}"
+            print_main(f"{args.resume} is a finished run: all {epochs} trained; nothing to do "
                        "(raise --epochs to train on, or evaluate it with --test-only)")
             return {}
     if not args.test_only:  # the checks passed: from here on the run writes in its folder
