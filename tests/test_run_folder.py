@@ -130,7 +130,7 @@ def test_a_fresh_start_over_a_checkpoint_is_refused_and_start_over_moves_it_asid
         "--output-dir, or pass --start-over to move that run's files aside into a previous-<time>/ folder"
     ]
     assert contents(out) == before
-    with open(os.path.join(out, ".tmp-cut.pth"), "wb") as f:  # a save cut short by a kill
+    with open(os.path.join(out, ".tmp-k3x9_q2a.pth"), "wb") as f:  # a save cut short by a kill (the name mkstemp gives)
         f.write(b"half a checkpoint")
     assert main(small_flags("cakd", data, out, epochs=1) + ["--start-over"]) == 0
     aside = [name for name in os.listdir(out) if name.startswith("previous-")]
@@ -269,15 +269,21 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(data, tmp_path):
         return small_flags("cakd", data, folder, epochs=1) + ["--workers", "2", "--resume", "auto"]
 
     def interrupted(folder, presses):
-        proc = subprocess.Popen(train + flags(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                                cwd=ROOT, start_new_session=True)
+        """Held after step 1's line (tests/held_train.py), pressed, each press once the last one's
+        handler ran (not one signal the kernel merges with the first), then let go."""
+        release = os.path.join(str(tmp_path), f"release-{presses}")
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "held_train.py"), *flags(folder)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                                env={**ENV, "HOLD_AFTER": "Epoch: [0] [1/6]", "HOLD_RELEASE": release})
         output = []
         for line in proc.stdout:
             output.append(line)
-            if "Epoch: [0] [1/6]" in line:
-                for press in range(presses):
-                    time.sleep(0.5 * press)  # a person's second press, not one signal the kernel merges with the first
+            if line.startswith("held: requested"):
+                pressed = int(line.split()[-1])
+                if pressed < presses:
                     os.killpg(proc.pid, signal.SIGINT)
+                else:
+                    open(release, "w").close()
         return proc.wait(timeout=300), "".join(output), proc.stderr.read()
 
     code, stdout, stderr = interrupted(out, 1)

@@ -202,14 +202,18 @@ def test_sigterm_without_workers_resumes_exactly(data_dir, tmp_path):
                             text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     flags = small_flags("cakd", data_dir, out, epochs=1)
-    proc = subprocess.Popen(train + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
+    release = str(tmp_path / "release")  # held after step 1's line until the SIGTERM's handler ran (tests/held_train.py)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "held_train.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
+                            env={**env, "HOLD_AFTER": "Epoch: [0] [1/6]", "HOLD_RELEASE": release})
     output = []
     for line in proc.stdout:
         output.append(line)
-        if "Epoch: [0] [1/6]" in line:
+        if line.startswith("held: requested False"):
             os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(output)[-3000:]
+        elif line.startswith("held: requested True"):
+            open(release, "w").close()
+    assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert 1 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in "".join(output)
     assert not finished(os.path.join(out, "checkpoint.pth"))  # what run_cifar100.sh asks before its next step
