@@ -303,3 +303,20 @@ def test_a_plot_of_one_epoch_runs_has_whole_epoch_ticks_and_points_side_by_side(
     longer = synthesized_run(str(tmp_path / "d"), "baseline", 5, [{"epoch": e, "acc1": 10.0 * e} for e in range(5)])
     fig = summarize.plot([summarize.read_run(longer)], 500, 300)
     assert fig.axes[0].get_lines()[0].get_xydata()[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_start_over_with_resume_auto_starts_afresh(data, trained, tmp_path, capsys):
+    """The folder is claimed before the resume is looked up now: --start-over --resume auto (a
+    requeued script that also asks to start over) must not resume the run it moves aside."""
+    import shutil
+
+    from cakd.train import main
+
+    out = str(tmp_path / "run")
+    shutil.copytree(trained, out)
+    assert main(flags(data, out) + ["--start-over", "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" not in printed and "--start-over: the previous run's files are in" in printed
+    aside = [name for name in os.listdir(out) if name.startswith("previous-")]
+    assert len(aside) == 1 and os.path.isfile(os.path.join(out, aside[0], "checkpoint.pth"))
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 1
