@@ -335,10 +335,12 @@ def test_summarize_bad_run_files_are_one_line(tmp_path, capsys, config, metrics,
 def test_a_crafted_dataset_cache_cannot_leave_its_folder_or_its_classes(data, tmp_path):
     """A cache entry with a matching fingerprint but a path outside the folder, a path into
     another class's folder, or a label out of range is not used: the folder is listed again."""
-    from cakd.train.data import CACHE_FILE, _image_folder
+    from cakd.train.data import CACHE_FILE, _image_folder, write_listing_cache
 
     split = os.path.join(data, "train")
-    listed = _image_folder(split, None, cache_dir=str(tmp_path)).samples  # writes the cache
+    listed = _image_folder(split, None, cache_dir=str(tmp_path))
+    write_listing_cache(listed)
+    listed = listed.samples
     cache = json.load(open(tmp_path / CACHE_FILE))
     entry = cache[os.path.abspath(split)]
     good = [list(s) for s in entry["samples"]]
