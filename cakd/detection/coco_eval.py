@@ -5,6 +5,7 @@ Detections are given per image as the detector returns them (``boxes`` xyxy in t
 pixels, ``scores``, ``labels`` = category ids, ``masks`` (N, 1, H, W) probabilities for Mask R-CNN).
 """
 import contextlib
+import copy
 import io
 
 import numpy as np
@@ -74,6 +75,7 @@ def evaluate_detections(coco_gt, detections, iou_types, image_ids=None):
     ids = sorted(merged) if image_ids is None else sorted(image_ids)
     metrics, text = {}, ""
     if is_main_process():
+        coco_gt = copy.deepcopy(coco_gt)  # COCOeval turns the ground truth's polygons into RLE in place
         results = [r for image_id in sorted(merged) for r in merged[image_id]]
         for iou_type in iou_types:
             stats, printed = coco_ap(coco_gt, results, iou_type, ids)
