@@ -45,7 +45,7 @@ def small_flags(data, out, detector="fasterrcnn", epochs=1, size=64):
             "--backbone-weights", "none", "--trainable-backbone-layers", "5", "--no-frozen-bn", "--min-size", str(size),
             "--max-size", str(size), "-b", "2", "-j", "0", "--epochs", str(epochs), "--lr", "0.01", "--lr-batch", "2",
             "--lr-warmup-iters", "2", "--box-batch-size-per-image", "32", "--rpn-post-nms-top-n-train", "100",
-            "--rpn-post-nms-top-n-test", "50", "--print-freq", "1"]
+            "--rpn-post-nms-top-n-test", "50", "--box-detections-per-img", "10", "--print-freq", "1"]
 
 
 # ---- (a) the evaluation ---------------------------------------------------------------------
@@ -255,7 +255,8 @@ def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tin
 # ---- (b) learning: box AP and mask AP rise well above their first evaluation -------------------
 LEARNING = ["--min-size", "96", "--max-size", "96", "-b", "4", "--epochs", "8", "--lr", "0.01", "--lr-batch", "4",
             "--clip-grad-norm", "5", "--lr-warmup-iters", "10", "--lr-steps", "6", "--box-batch-size-per-image", "32",
-            "--rpn-post-nms-top-n-train", "300", "--rpn-post-nms-top-n-test", "100", "--print-freq", "100"]
+            "--rpn-post-nms-top-n-train", "300", "--rpn-post-nms-top-n-test", "100", "--box-detections-per-img", "10",
+            "--print-freq", "100"]
 
 
 @pytest.mark.parametrize("detector,metrics", [("fasterrcnn", ("bbox_AP",)), ("maskrcnn", ("bbox_AP", "segm_AP"))])
@@ -288,3 +289,23 @@ def test_summarize_puts_a_detection_run_beside_table_4(tmp_path, capsys):
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {run_dir} ")]
     assert row == [f"| {run_dir} | maskrcnn | resnet50 (runs/cakd/checkpoint.pth) | 12/12 | 41.00 | 39.00 | segm_AP | "
                    "32.6 / 33.3 / 33.1 / 33.6 |"]
+
+
+def test_the_lr_schedule_is_the_1x_one_by_iteration():
+    """Linear warmup from 0.001 over 5 iterations, then x0.1 at epochs 8 and 11 (10 steps an epoch),
+    worked out by hand."""
+    from cakd.detection.engine import LrFactor
+
+    factor = LrFactor(steps_per_epoch=10, warmup_iters=5, warmup_factor=0.001, milestones=(8, 11), gamma=0.1)
+    expected = {0: 0.001, 2: 0.001 * 0.6 + 0.4, 5: 1.0, 79: 1.0, 80: 0.1, 109: 0.1, 110: 0.01, 119: 0.01}
+    for iteration, value in expected.items():
+        assert factor(iteration) == pytest.approx(value, rel=1e-12), iteration
+
+
+def test_a_missing_coco_folder_is_one_error_line(tmp_path, capsys):
+    missing = str(tmp_path / "coco")
+    assert main(small_flags(missing, str(tmp_path / "out"))) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {missing}/val2017 does not exist: --data-path must hold COCO 2017's train2017/, val2017/ and "
+        "annotations/instances_{train,val}2017.json"
+    ]

@@ -30,6 +30,7 @@ def get_args_parser():
                    help="the backbone's BatchNorm frozen at its weights' statistics (off: trained, for a backbone from scratch)")
     g.add_argument("--rpn-post-nms-top-n-train", default=2000, type=int, help="proposals per image kept for training")
     g.add_argument("--rpn-post-nms-top-n-test", default=1000, type=int, help="proposals per image kept for evaluation")
+    g.add_argument("--box-detections-per-img", default=100, type=int, help="detections kept per image (COCO's maxDets is 100)")
     g.add_argument("--box-batch-size-per-image", default=512, type=int, help="proposals per image sampled for the box head's loss")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default="/datasets01/COCO/022719/", type=str, help="COCO 2017: train2017/, val2017/, annotations/")

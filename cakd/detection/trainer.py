@@ -24,6 +24,7 @@ from ..train.resume import EPOCH_END_ONLY, refused_change
 from ..train.signals import StopRequest
 from ..train.trainer import _drop_metrics_from, amp_dtype, claim_output_dir, lost_a_peer, resume_path
 from .config import parse_args
+from ..train.data import DataError
 from .data import build_loaders, coco_dataset, need_pycocotools
 from .engine import LrFactor, evaluate, train_one_epoch
 from .models import build_detector, initialise
@@ -45,6 +46,8 @@ class Run:
             train_set, val_set, batch_size=args.batch_size, workers=args.workers, seed=args.seed, distributed=args.distributed
         )
         torch.manual_seed(args.seed)  # identical initial weights on every rank
+        if not self.coco_gt.getCatIds():
+            raise DataError(f"{args.data_path}/annotations/instances_val2017.json lists no categories: is it a COCO annotation file?")
         num_classes = max(self.coco_gt.getCatIds()) + 1  # labels are category ids; 0 is the background
         model = build_detector(args.detector, args.backbone, num_classes, args.trainable_backbone_layers, args.min_size, args.max_size,
                                **detector_options(args))
@@ -57,7 +60,8 @@ class Run:
             self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.lr = args.lr * args.world_size * args.batch_size / args.lr_batch
         self.optimizer = build_optimizer(parameter_groups(model, args.weight_decay), "sgd", self.lr, args.momentum, args.weight_decay)
-        schedule = LrFactor(len(self.train_loader), args.lr_warmup_iters, args.lr_warmup_factor, args.lr_steps, args.lr_gamma)
+        steps = min(len(self.train_loader), args.iters_per_epoch or len(self.train_loader))  # an epoch's, for the lr steps
+        schedule = LrFactor(steps, args.lr_warmup_iters, args.lr_warmup_factor, args.lr_steps, args.lr_gamma)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.amp_dtype = amp_dtype(args)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
@@ -71,7 +75,7 @@ class Run:
         a = self.args
         return (f"cakd.detection: {a.detector} {a.backbone} FPN, {self.backbone_line}; {a.world_size} process(es) x "
                 f"{a.batch_size} images = {a.world_size * a.batch_size} per step, lr {self.lr:g}, {a.epochs} epochs, "
-                f"{len(self.train_loader)} steps each")
+                f"{self.lr_scheduler.lr_lambdas[0].steps_per_epoch} steps each")
 
     def state(self, epoch, step=None):
         """The checkpoint dict (cakd.train's layout, read back by its ``read``). Collective."""
@@ -136,13 +140,15 @@ class Run:
         return result
 
     def evaluate(self):
+        dist_utils.broadcast_buffers(self.model)  # every rank evaluates the model rank 0 saves
         return evaluate(self.model, self.val_loader, self.coco_gt, self.device, self.iou_types, amp_dtype=self.amp_dtype,
                         print_freq=max(self.args.print_freq, 1) * 10)
 
 
 def detector_options(args):
     """The detector's own keyword arguments given as flags (torchvision's defaults unless set)."""
-    return {name: getattr(args, name) for name in ("frozen_bn", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "box_batch_size_per_image")}
+    return {name: getattr(args, name) for name in ("frozen_bn", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "box_batch_size_per_image",
+                                                   "box_detections_per_img")}
 
 
 def check_resume(args):
