@@ -309,3 +309,13 @@ def test_a_missing_coco_folder_is_one_error_line(tmp_path, capsys):
         f"error: {missing}/val2017 does not exist: --data-path must hold COCO 2017's train2017/, val2017/ and "
         "annotations/instances_{train,val}2017.json"
     ]
+
+
+def test_run_detection_sh_help_is_printed_once_with_the_values_it_runs():
+    env = {**ENV, "NGPUS": "2", "CONFIG": "detection_mrcnn_x101", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    result = subprocess.run(["sh", os.path.join(ROOT, "experiments", "run_detection.sh"), "--backbone-weights", "runs/x.pth", "--help"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    out = " ".join(result.stdout.split())
+    assert result.returncode == 0 and result.stderr == "" and out.count("usage: python -m cakd.detection") == 1, result.stderr
+    assert "[this command: maskrcnn] (default: fasterrcnn)" in out and "[this command: runs/x.pth]" in out
+    assert "[this command: runs/detection_mrcnn_x101]" in out and "[this command: auto]" in out
