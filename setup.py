@@ -13,7 +13,7 @@ setup(
         "pyyaml",
         "tensorboard",
     ],
-    # the tests draw the pictures too, so the test extra holds the plots extra
-    extras_require={"test": ["pytest", "timm", "matplotlib"], "plots": ["matplotlib"]},
+    # the tests draw the pictures and evaluate detections too, so the test extra holds the plots and detection extras
+    extras_require={"test": ["pytest", "timm", "matplotlib", "pycocotools"], "plots": ["matplotlib"], "detection": ["pycocotools"]},
     entry_points={"console_scripts": ["cakd-train=cakd.train.trainer:main"]},
 )

@@ -1,7 +1,8 @@
 """A markdown table of run directories' top-1/top-5 next to the published numbers of the same
 dataset, recipe, student and teacher (the released code's README, the paper's Tables 1-3 and
 Figure 3(a)'s ablation columns), a table of CelebA-Spoof runs' EER beside Table 4's, and
-optionally a PNG of top-1 per epoch.
+optionally a PNG of top-1 per epoch. Detection runs (``python -m cakd.detection``) get a table of
+their own: the last epoch's box AP and mask AP beside the paper's Table 4 row.
 
     python scripts/summarize.py runs/baseline runs/logits runs/cakd [--plot top1.png]
 
@@ -23,6 +24,7 @@ import sys
 
 import yaml
 
+from cakd.detection.published import COLUMNS, METRIC, TABLE4
 from cakd.train.config import HelpFormatter
 from cakd.train.errors import UserError, run_and_report
 from cakd.train.figures import pyplot, save
@@ -32,6 +34,7 @@ from cakd.train.tools import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 SPOOF_METRICS = ("eer", "auc", "acer", "ema_eer")  # --dataset celeba_spoof runs (Table 4, anti-spoofing)
+DETECTION_METRICS = ("bbox_AP", "segm_AP")  # the detection trainer's (cakd.detection)
 
 
 def get_args_parser():
@@ -53,7 +56,7 @@ def read_metrics_file(path):
     """``{epoch: {metric: value}}`` from a run's ``metrics.jsonl`` (:func:`read_metrics`)."""
     by_epoch = {}
     for record in read_metrics(path):
-        values = {k: record[k] for k in METRICS + SPOOF_METRICS if record.get(k) is not None}
+        values = {k: record[k] for k in METRICS + SPOOF_METRICS + DETECTION_METRICS if record.get(k) is not None}
         for key, value in values.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise UserError(f"{path}: epoch {record['epoch']}'s {key} is {value!r}, not a number: fix or remove that line")
@@ -296,9 +299,34 @@ def parse_size(text):
     return width, height
 
 
+def detection_table(runs):
+    """Detection runs (``python -m cakd.detection``): the last epoch's box AP (and mask AP) beside
+    the paper's Table 4 row of the same detector and backbone (its four columns)."""
+    header = ["run", "detector", "backbone (weights)", "epochs", "box AP final", "mask AP final", "Table 4 metric",
+              "paper: " + " / ".join(COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 2 + ["---"] * 2) + "|"]
+    for run in runs:
+        config, final = run["config"], list(run["by_epoch"].values())[-1] if run["by_epoch"] else {}
+        detector, backbone = config.get("detector"), config.get("backbone")
+        row = TABLE4.get((detector, backbone))
+        cells = [run["name"], detector, f"{backbone} ({config.get('backbone_weights')})", f"{len(run['by_epoch'])}/{config.get('epochs')}",
+                 number(final.get("bbox_AP")), number(final.get("segm_AP")), METRIC.get(detector, "–"),
+                 " / ".join(f"{v:.1f}" for v in row) if row else "– (not a Table 4 backbone)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(args):
     size = parse_size(args.plot_size) if args.plot else None
     runs = [read_run(run_dir) for run_dir in args.runs]
+    detection = [r for r in runs if "detector" in r["config"]]
+    runs = [r for r in runs if "detector" not in r["config"]]
+    if detection:
+        print(detection_table(detection))
+        print("\npublished: the paper's Table 4 (COCO, AP in %), its four columns for the run's detector and backbone; "
+              "box AP is Faster R-CNN's number, mask AP Mask R-CNN's" + ("\n" if runs else ""))
+    if not runs:
+        return
     spoof = [r for r in runs if r["dataset"] == "celeba_spoof"]
     if spoof:
         print("Table 4, face anti-spoofing on CelebA-Spoof (EER %, lower is better):\n" + spoof_table(spoof) + "\n")

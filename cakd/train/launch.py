@@ -9,6 +9,7 @@ still starting gets it once its handler is in place, not before (it would die of
 When a rank fails it has printed the run's one ``error:`` line (``cakd.train.errors``); the
 launcher exits with that rank's status, without torchrun's traceback and log lines.
 """
+import importlib
 import logging
 import os
 import signal
@@ -118,17 +119,18 @@ def torchrun_lets_go_of_sigterm():
     return any("--signals-to-handle" in action.option_strings for action in torchrun.get_args_parser()._actions)
 
 
+TRAINERS = {"cakd.train": "cakd.train.config", "cakd.detection": "cakd.detection.config"}  # -m MODULE: its flags' module
+
+
 def trainer_help(argv):
-    """``... -m cakd.train ... --help``: the trainer's help printed here, once, instead of by
-    every rank torchrun would start (with the values this command line runs)."""
-    if "-m" not in argv or argv.index("-m") + 1 >= len(argv) or argv[argv.index("-m") + 1] != "cakd.train":
+    """``... -m cakd.train ... --help`` (or ``-m cakd.detection``): the trainer's help printed here,
+    once, instead of by every rank torchrun would start (with the values this command line runs)."""
+    if "-m" not in argv or argv.index("-m") + 1 >= len(argv) or argv[argv.index("-m") + 1] not in TRAINERS:
         return False
     flags = argv[argv.index("-m") + 2 :]
     if "-h" not in flags and "--help" not in flags:
         return False
-    from .config import print_help
-
-    print_help(flags)
+    importlib.import_module(TRAINERS[argv[argv.index("-m") + 1]]).print_help(flags)
     return True
 
 
