@@ -14,7 +14,7 @@ import torch
 from ..train.distributed import any_rank
 from ..train.engine import TrainingError, autocast, backward, step
 from ..train.logging import MetricLogger, TensorMeter, print_main
-from ..train.signals import sigterm_held
+from ..train.signals import StopCheck, sigterm_held
 from .coco_eval import evaluate_detections, to_coco
 
 
@@ -69,7 +69,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, device, *, st
                     clip_grad_norm=None, iters_per_epoch=0, print_freq=10, tensorboard=None, stop=None, checkpoint_kept=None):
     """Epoch ``epoch`` of ``loader`` from ``start_step``; returns ``(next step or None, averages)``
     as :func:`cakd.train.engine.train_one_epoch` does: a stop asked on any rank ends the epoch
-    at the next print, every rank at the same iteration; a non-finite loss is one error line."""
+    after the next step (:class:`cakd.train.signals.StopCheck`), every rank at the same one; a
+    non-finite loss is one error line."""
     model.train()
     logger = MetricLogger()
     logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
@@ -78,6 +79,7 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, device, *, st
         total = min(total, iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     names = []  # the loss names, once a step has run
+    stop_check = StopCheck(stop)
     with sigterm_held():  # the workers start here
         batches = itertools.islice(loader, total - start_step)
     for i, (images, targets) in logger.log_every(batches, print_freq, f"Epoch: [{epoch}]", total=total, start=start_step):
@@ -98,8 +100,8 @@ def train_one_epoch(model, loader, optimizer, lr_scheduler, epoch, device, *, st
             if tensorboard is not None:
                 scalars = {name: logger.meters[name].avg for name in losses}
                 tensorboard.scalars({**scalars, "lr": lr}, epoch * total + i, prefix="train/")
-            if not last and any_rank(stop is not None and stop.requested, device):
-                return i + 1, {}
+        if not last and stop_check():
+            return i + 1, {}
     return None, logger.global_averages(names, device)
 
 

@@ -2,29 +2,27 @@
 run machinery (run-folder lock, atomic checkpoints, exact ``--resume auto``, SIGTERM saving under
 the launcher, one-line errors, ``config.yaml``, ``metrics.jsonl``, TensorBoard)."""
 import datetime
-import json
 import os
 import random
-import signal
-import sys
 import time
 
 import numpy as np
 import torch
 
-from ..checkpoint import save_atomic
 from ..train import distributed as dist_utils
+from ..train import process
 from ..train.checkpoints import CheckpointError, capture_rng_state, next_position, read, restore_rng
 from ..train.config import save_config, saved_args
-from ..train.engine import TrainingError
-from ..train.errors import UserError, first_to_report, one_line, print_error, run_and_report
-from ..train.logging import TensorBoard, print_main
-from ..train.optim import build_optimizer, parameter_groups
-from ..train.resume import EPOCH_END_ONLY, refused_change
-from ..train.signals import StopRequest
-from ..train.trainer import _drop_metrics_from, amp_dtype, claim_output_dir, lost_a_peer, resume_path
-from .config import parse_args
 from ..train.data import DataError
+from ..train.errors import UserError, one_line
+from ..train.logging import TensorBoard, print_main
+from ..train.metrics_file import drop_metrics_from, metrics_record
+from ..train.optim import build_optimizer, parameter_groups
+from ..train.resume import check_resume, resume_path
+from ..train.rundir import on_output_dir
+from ..train.saving import CheckpointWriter, nonfinite_part
+from ..train.trainer import amp_dtype
+from .config import parse_args
 from .data import build_loaders, coco_dataset, need_pycocotools
 from .engine import LrFactor, evaluate, train_one_epoch
 from .models import build_detector, initialise
@@ -36,7 +34,7 @@ class Run:
     def __init__(self, args):
         self.args = args
         self.device = torch.device(args.device)
-        self.saved = None
+        self.checkpoints = CheckpointWriter(args.output_dir, args.checkpoint_freq)
         masks = args.detector == "maskrcnn"
         self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         val_set = coco_dataset(args.data_path, "val", masks)
@@ -85,28 +83,12 @@ class Run:
             "args": saved_args(self.args), "rng": dist_utils.all_gather_object(capture_rng_state()),
         }
 
-    def save(self, epoch, step=None):
-        """Rank 0 writes ``checkpoint.pth`` (and ``model_{epoch}.pth`` on the frequency) atomically."""
-        state, error = self.state(epoch, step), None
-        if dist_utils.is_main_process() and self.args.output_dir:
-            paths = [os.path.join(self.args.output_dir, "checkpoint.pth")]
-            if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
-                paths.insert(0, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
-            try:
-                for path in paths:
-                    save_atomic(state, path)
-            except (OSError, RuntimeError) as failure:
-                error = f"could not write {path} ({one_line(failure)}): make room or fix the permissions, then rerun with --resume auto"
-        error = dist_utils.all_gather_object(error)[0]
-        if error:
-            raise UserError(error)
-        self.saved = (epoch, step)
-
-    def checkpoint_kept(self):
-        if self.saved is None:
-            return "no checkpoint was written by this run"
-        epoch, step = self.saved
-        return f"checkpoint.pth (epoch {epoch}{'' if step is None else f', step {step}'}) is kept"
+    def save(self, epoch, step=None, record=None):
+        """Write the checkpoint (:class:`cakd.train.saving.CheckpointWriter`) unless its state holds
+        a non-finite value. Collective."""
+        state = self.state(epoch, step)
+        self.checkpoints.refuse(nonfinite_part(state, ("model", "optimizer")), epoch, step)
+        self.checkpoints.write(state, epoch, step, record)
 
     def restore(self, path):
         """Load a checkpoint of this trainer strictly; returns (first epoch, first step)."""
@@ -134,7 +116,7 @@ class Run:
         result = train_one_epoch(
             self.ddp or self.model, self.train_loader, self.optimizer, self.lr_scheduler, epoch, self.device, start_step=start_step,
             scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=a.clip_grad_norm, iters_per_epoch=a.iters_per_epoch,
-            print_freq=a.print_freq, tensorboard=self.tensorboard, stop=stop, checkpoint_kept=self.checkpoint_kept,
+            print_freq=a.print_freq, tensorboard=self.tensorboard, stop=stop, checkpoint_kept=self.checkpoints.kept,
         )
         sampler.start = 0
         return result
@@ -151,60 +133,42 @@ def detector_options(args):
                                                    "box_detections_per_img")}
 
 
-def check_resume(args):
-    """Refuse a resume whose flags would change what it trains (:func:`cakd.train.resume.refused_change`)."""
-    checkpoint = read(args.resume, mmap=True)
-    step = checkpoint.get("step")
-    change = refused_change(checkpoint["args"], args, step is not None)
-    if change is None:
-        return
-    name, was, now = change
-    flag = "the process count" if name == "world_size" else "--" + name.replace("_", "-")
-    when = " (it may change at an epoch's end)" if name in EPOCH_END_ONLY else ""
-    raise UserError(f"{args.resume} was trained with {flag} {was}, not {now}: resume with {flag} {was}{when} (its config.yaml "
-                    "holds every flag), or start a new run in another --output-dir")
-
-
 def train(args):
     need_pycocotools()
-    stop = StopRequest()
-    if args.test_only:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    else:
-        stop.install()
-    dist_utils.check_device(args.device)
-    found = dist_utils.init_distributed_mode(args.device, args.dist_url)
-    args.distributed, args.rank, args.world_size, args.device = found.distributed, found.rank, found.world_size, str(found.device)
     if args.test_only and not args.resume:
         raise UserError("--test-only evaluates a checkpoint: pass it with --resume PATH (or --resume auto)")
-    lock = claim_output_dir(args) if args.output_dir and not args.test_only else None
-    try:
-        return _train(args, stop)
-    finally:
-        if lock is not None:
-            os.close(lock)
+    stop = process.start(args)
+    with process.run_folder(args) as folder:
+        return _train(args, stop, folder)
 
 
-def _train(args, stop):
+def _train(args, stop, folder=None):
     args.resume = resume_path(args)
     if args.resume and not args.test_only:
         check_resume(args)
-    run = Run(args)
-    if args.output_dir and not args.test_only and dist_utils.is_main_process():  # data and weights fit: what runs
-        save_config(args, os.path.join(args.output_dir, "config.yaml"))
+    run = Run(args)  # data found, backbone weights fit
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
-        start_epoch, start_step = run.restore(args.resume)
+        start_epoch, start_step = run.restore(args.resume)  # the resume accepted
     if args.test_only:
         return run.evaluate()
+    if args.resume and start_epoch >= args.epochs:
+        print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do")
+        return {}
+
+    def start(args):  # the checks passed: from here on the run writes in its folder
+        aside = folder.start(args)
+        save_config(args, os.path.join(args.output_dir, "config.yaml"))  # what runs
+        return aside
+
+    aside = on_output_dir(args, folder and start)
+    if aside:
+        print_main(f"--start-over: the previous run's files are in {aside}")
     print_main(run.header())
     if args.resume:
-        if start_epoch >= args.epochs:
-            print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do")
-            return {}
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
-        if dist_utils.is_main_process() and args.output_dir:
-            _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
+        if folder is not None:
+            drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
     start_time, results = time.time(), {}
     for epoch in range(start_epoch, args.epochs):
         next_step, train_stats = run.train_epoch(epoch, start_step, stop)
@@ -218,10 +182,7 @@ def _train(args, stop):
         run.tensorboard.scalars(results, epoch, prefix="val/")
         run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
         run.tensorboard.flush()
-        run.save(epoch)
-        if dist_utils.is_main_process() and args.output_dir:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}) + "\n")
+        run.save(epoch, record=metrics_record(epoch, results, train_stats))  # no line for an epoch not saved
         if epoch + 1 < args.epochs and dist_utils.any_rank(stop.requested, run.device):
             print_main(f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
             run.tensorboard.close()
@@ -232,23 +193,4 @@ def _train(args, stop):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return run_and_report(train, args)
-    except KeyboardInterrupt:
-        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"))
-        return 130
-    except Exception as error:  # a bug, or a collective failing because a peer left
-        if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise
-        if not first_to_report():
-            return 1
-        if lost_a_peer(error):
-            print(f"error: another process of this run is gone ({one_line(error)})", file=sys.stderr, flush=True)
-            return 1
-        raise
-    finally:
-        dist_utils.cleanup()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    return process.main(train, parse_args(argv))

@@ -1,6 +1,13 @@
-"""What a resume may change: the flags a checkpoint's run is resumed with are checked against
-the ones it saved (the checkpoint itself is read and loaded by :mod:`checkpoints`)."""
+"""The resume policy, for every trainer: which checkpoint ``--resume auto`` means, and what a
+resume may change (the flags a checkpoint's run is resumed with are checked against the ones it
+saved, before anything is written). The checkpoint itself is read and loaded by :mod:`checkpoints`."""
+import os
+
+from . import distributed as dist_utils
 from .checkpoints import finished  # noqa: F401 (its old home: experiment scripts copied before it moved import it from here)
+from .checkpoints import read
+from .errors import UserError
+from .logging import print_main
 
 
 # What a resume may change (the README lists it). Free: how the run is executed, kept or
@@ -33,3 +40,41 @@ def refused_change(saved, args, mid_epoch, released=None):
             continue
         return name, was, now
     return None
+
+
+def resume_path(args):
+    """``--resume auto``: OUTPUT_DIR/checkpoint.pth when rank 0 sees it, else a fresh start."""
+    if args.resume != "auto":
+        return args.resume
+    if args.start_over:  # the run that is there goes aside (RunFolder.start)
+        return ""
+    path = os.path.join(args.output_dir or ".", "checkpoint.pth")
+    found = dist_utils.all_gather_object(os.path.isfile(path))[0]  # every rank takes rank 0's answer
+    if found:
+        return path
+    if args.test_only:
+        raise UserError(f"--resume auto: there is no {path} to evaluate")
+    print_main(f"--resume auto: no {path} yet, starting fresh")
+    return ""
+
+
+def check_resume(args, released=None):
+    """Refuse, before anything is written, a resume whose flags would change the training it
+    resumes (:func:`refused_change`): what a run records is what it runs. ``released``: as for
+    :func:`refused_change` (a recipe's values of its distiller options)."""
+    checkpoint = read(args.resume, mmap=True)
+    step = checkpoint.get("step")
+    change = refused_change(checkpoint["args"], args, step is not None, released)
+    if change is None:
+        return
+    name, was, now = change
+    flag = "the process count (torchrun --nproc_per_node x --nnodes)" if name == "world_size" else "--" + name.replace("_", "-")
+    if name in EPOCH_END_ONLY:
+        raise UserError(
+            f"{args.resume} was saved mid-epoch (step {step}) with {flag} {was}, not {now}: resume it with {flag} {was} "
+            "(it may change when a run resumes from an epoch's end)"
+        )
+    raise UserError(
+        f"{args.resume} was trained with {flag} {was}, not {now}: a resume goes on with the flags of the run it resumes; "
+        f"resume with {flag} {was} (the run's config.yaml holds them all), or start a new run in another --output-dir"
+    )

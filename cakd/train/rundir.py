@@ -18,7 +18,8 @@ import os
 import re
 import socket
 
-from .errors import UserError
+from . import distributed as dist_utils
+from .errors import UserError, one_line
 
 LOCK_FILE = ".lock"
 RUN_FILES = ("checkpoint.pth", "config.yaml", "metrics.jsonl", "dataset_cache.json", "tensorboard")
@@ -152,3 +153,20 @@ class RunFolder:
         if self.lock is not None:
             self.lock.release(leave_as_found=not self.started)
             self.lock = None
+
+
+def on_output_dir(args, step):
+    """Rank 0 does ``step(args)`` on the run folder (:class:`rundir.RunFolder`; None: nothing, as on
+    the other ranks) and returns what it returns there; every rank raises the same refusal."""
+    result = error = None
+    if step is not None:
+        try:
+            result = step(args)
+        except UserError as refusal:
+            error = str(refusal)
+        except OSError as failure:
+            error = f"cannot use --output-dir {args.output_dir} ({one_line(failure)}): pick a folder this user can write"
+    error = dist_utils.all_gather_object(error)[0]
+    if error:
+        raise UserError(error)
+    return result

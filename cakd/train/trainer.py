@@ -5,10 +5,8 @@ checkpoints. Bad input ends with one line on stderr and exit status 1.
 """
 import dataclasses
 import datetime
-import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -17,22 +15,22 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic, stage_text
+from . import process
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
 from ..models import build_student, no_weights
 from ..teachers import build_teacher, check_teacher_input
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .checkpoints import LEARNED, UNEVALUATED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
 from .data import build_datasets, build_loaders, write_listing_cache
-from .engine import EvaluationStopped, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
-from .errors import UserError, first_to_report, one_line, print_error, run_and_report
+from .engine import EvaluationStopped, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
+from .errors import UserError
 from .figures import map_grid
 from .logging import TensorBoard, print_main
-from .metrics_file import append_metrics, drop_metrics_from, metrics_record, metrics_text, read_metrics
+from .metrics_file import append_metrics, drop_metrics_from, metrics_record
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
-from .resume import EPOCH_END_ONLY, refused_change
-from .rundir import RunFolder
-from .signals import StopRequest
+from .resume import check_resume, resume_path
+from .rundir import on_output_dir
+from .saving import CheckpointWriter, loss_divergence, nonfinite_part
 from .spoof_metrics import SpoofScores
 
 
@@ -43,7 +41,7 @@ class Run:
         self.args = args
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.saved = None  # (epoch, step) of the checkpoint this run wrote last
+        self.checkpoints = CheckpointWriter(args.output_dir, args.checkpoint_freq)
         self.mean_loss = float("nan")  # the last epoch's mean training loss (train_epoch), which :meth:`diverged` checks
         self.unevaluated = None  # a resumed checkpoint's: the training averages of an epoch saved before its evaluation ended
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
@@ -198,81 +196,19 @@ class Run:
         return self.parts().state_dict(epoch, step, saved_args(self.args), dist_utils.all_gather_object(capture_rng_state()))
 
     def save(self, epoch, step=None, unevaluated=None, record=None):
-        """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
-        rank 0 writes, every rank agrees on the outcome. ``model_{epoch}.pth`` goes first: a
-        kill between the two leaves the previous ``checkpoint.pth``, from which ``--resume auto``
-        trains this epoch again and writes both. ``unevaluated``: the epoch's training averages,
-        for a save at its end whose evaluation a stop cut short (:data:`checkpoints.UNEVALUATED`).
-        ``record``: the epoch's ``metrics.jsonl`` line, written to a temporary file before the
-        checkpoints and renamed into place after them: a full disk loses neither, or both."""
+        """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged
+        (:class:`saving.CheckpointWriter`). ``unevaluated``: the epoch's training averages, for a
+        save at its end whose evaluation a stop cut short (:data:`checkpoints.UNEVALUATED`);
+        ``record``: the epoch's ``metrics.jsonl`` line. Collective."""
         state = self.state(epoch, step)
         if unevaluated is not None:
             state[UNEVALUATED] = unevaluated
-        where = f"epoch {epoch}" + ("" if step is None else f" step {step}")
-        problem = next((p for p in dist_utils.all_gather_object(self.diverged(state)) if p), None)
-        if problem:
-            kept = os.path.join(self.args.output_dir or ".", "checkpoint.pth")
-            restart = (f"start a new run in another --output-dir from its weights (--weights {kept})" if os.path.isfile(kept)
-                       else "start again")
-            raise TrainingError(
-                f"{problem} in {where}: not saved, {self.checkpoint_kept()}; --resume auto would replay the same steps and "
-                f"stop here again: {restart} with a lower --lr or with --clip-grad-norm"
-                + ("" if problem.startswith("non-finite") else ", or resume with a larger --max-loss-growth if the growth is expected")
-            )
-        error = None
-        if dist_utils.is_main_process() and self.args.output_dir:
-            paths = [os.path.join(self.args.output_dir, "checkpoint.pth")]
-            # model_{epoch}.pth only on the frequency: at the end checkpoint.pth is the last state, and a
-            # second full copy of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
-            if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
-                paths.insert(0, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
-            metrics, staged = os.path.join(self.args.output_dir, "metrics.jsonl"), None
-            try:
-                if record is not None:
-                    path = metrics
-                    staged = stage_text(metrics, metrics_text(read_metrics(metrics) + [record]))
-                for path in paths:
-                    save_atomic(state, path)
-                if staged is not None:
-                    os.replace(staged, metrics)
-            except (OSError, RuntimeError) as failure:  # no space left, no permission
-                if staged is not None and os.path.exists(staged):
-                    os.remove(staged)
-                error = (f"could not write {path} ({one_line(failure)}): make room or fix the permissions in "
-                         f"{self.args.output_dir}, then rerun with --resume auto; {self.checkpoint_kept()}")
-        error = dist_utils.all_gather_object(error)[0]
-        if error:
-            raise UserError(error)
-        self.saved = (epoch, step)
+        self.checkpoints.refuse(self.diverged(state), epoch, step)
+        self.checkpoints.write(state, epoch, step, record)
 
     def diverged(self, state):
-        """Why ``state`` must not replace the last checkpoint, or None: non-finite weights,
-        buffers or optimizer state (a NaN guard on the loss alone misses them), or an epoch's
-        mean training loss ``--max-loss-growth`` times the run's loss scale, ln(classes).
-
-        ln(classes) is the cross-entropy of a uniform guess: where a run starts and what a run
-        that learns falls below, so a converged run's batch-to-batch noise never reads as growth,
-        and it depends on nothing measured: a resume, from any point, checks against the same
-        scale, and the checkpoint needs no entry for it (see the README for why not the first loss)."""
-        for key in LEARNED:
-            tensors = [t for t in _tensors(state[key]) if t.is_floating_point()]
-            if tensors and not all(torch.isfinite(t).all() for t in tensors):
-                return f"non-finite values in the {key} state"
-        limit, mean, scale = self.args.max_loss_growth, self.mean_loss, math.log(self.num_classes)
-        if limit and scale and mean > limit * scale:
-            return (f"the training loss diverged: the epoch's mean {mean:.4g} is {mean / scale:.3g} times the run's loss scale "
-                    f"ln({self.num_classes}) = {scale:.4g} (--max-loss-growth {limit:g})")
-        return None
-
-    def checkpoint_kept(self):
-        """Which checkpoint a run that stops now leaves behind, in words."""
-        path = os.path.join(self.args.output_dir, "checkpoint.pth") if self.args.output_dir else None
-        if path is None or not os.path.isfile(path):
-            return "no checkpoint was written yet" + ("" if path else " (no --output-dir)")
-        if self.saved is None:
-            return f"{path}, from before this run, is kept"
-        epoch, step = self.saved
-        return f"{path} (epoch {epoch}{'' if step is None else f', step {step}'}) is kept"
+        """Why ``state`` must not replace the last checkpoint, or None (:mod:`saving`)."""
+        return nonfinite_part(state, LEARNED) or loss_divergence(self.mean_loss, self.num_classes, self.args.max_loss_growth)
 
     def restore(self, path):
         """Load a checkpoint; returns (first epoch, first step) to run."""
@@ -313,7 +249,7 @@ class Run:
             disc_optimizer=self.disc_optimizer, scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=a.clip_grad_norm,
             memory_format=self.memory_format, ema=self.ema, ema_steps=a.model_ema_steps, ema_warmup_epochs=a.lr_warmup_epochs,
             iters_per_epoch=a.iters_per_epoch, print_freq=a.print_freq, tensorboard=self.tensorboard, stop=stop,
-            checkpoint_kept=self.checkpoint_kept,
+            checkpoint_kept=self.checkpoints.kept,
         )
         sampler.start = 0
         return next_step, averages
@@ -387,64 +323,9 @@ def amp_dtype(args):
 
 
 def train(args):
-    stop = StopRequest()
-    if args.test_only:  # nothing to save: SIGTERM just ends it (a handler, so the launcher passes it on)
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    else:
-        stop.install()  # first: from now on a SIGTERM or a first Ctrl-C saves
-    dist_utils.check_device(args.device)
-    found = dist_utils.init_distributed_mode(args.device, args.dist_url)
-    # onto the namespace, which Run reads: config.yaml and the checkpoint keep world_size and device (a resume checks the first)
-    args.distributed, args.rank, args.world_size, args.device = found.distributed, found.rank, found.world_size, str(found.device)
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts:
-        print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
-    folder = RunFolder(args) if args.output_dir and not args.test_only and dist_utils.is_main_process() else None
-    try:
-        on_output_dir(args, folder and folder.claim)
+    stop = process.start(args)
+    with process.run_folder(args) as folder:
         return _train(args, stop, folder)
-    finally:
-        if folder is not None:
-            folder.release()
-
-
-def on_output_dir(args, step):
-    """Rank 0 does ``step(args)`` on the run folder (:class:`rundir.RunFolder`; None: nothing, as on
-    the other ranks) and returns what it returns there; every rank raises the same refusal."""
-    result = error = None
-    if step is not None:
-        try:
-            result = step(args)
-        except UserError as refusal:
-            error = str(refusal)
-        except OSError as failure:
-            error = f"cannot use --output-dir {args.output_dir} ({one_line(failure)}): pick a folder this user can write"
-    error = dist_utils.all_gather_object(error)[0]
-    if error:
-        raise UserError(error)
-    return result
-
-
-def check_resume(args):
-    """Refuse, before anything is written, a resume whose flags would change the training it
-    resumes (:func:`resume.refused_change`): what a run records is what it runs."""
-    checkpoint = read(args.resume, mmap=True)
-    step = checkpoint.get("step")
-    released = dataclasses.asdict(distiller_class(args.recipe).config_class())
-    change = refused_change(checkpoint["args"], args, step is not None, released)
-    if change is None:
-        return
-    name, was, now = change
-    flag = "the process count (torchrun --nproc_per_node x --nnodes)" if name == "world_size" else "--" + name.replace("_", "-")
-    if name in EPOCH_END_ONLY:
-        raise UserError(
-            f"{args.resume} was saved mid-epoch (step {step}) with {flag} {was}, not {now}: resume it with {flag} {was} "
-            "(it may change when a run resumes from an epoch's end)"
-        )
-    raise UserError(
-        f"{args.resume} was trained with {flag} {was}, not {now}: a resume goes on with the flags of the run it resumes; "
-        f"resume with {flag} {was} (the run's config.yaml holds them all), or start a new run in another --output-dir"
-    )
 
 
 def _train(args, stop, folder=None):
@@ -456,7 +337,7 @@ def _train(args, stop, folder=None):
 
     args.resume = resume_path(args)
     if args.resume and not args.test_only:
-        check_resume(args)
+        check_resume(args, released=dataclasses.asdict(distiller_class(args.recipe).config_class()))
     run = Run(args)  # data found, teacher file read, crop valid
     if not args.test_only:
         print_main(run.header())
@@ -545,68 +426,13 @@ def stopped(run, line, results=None):
     return results or {}
 
 
-def _tensors(obj):
-    """The tensors in a (nested) state dict."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
-
-
-def resume_path(args):
-    """``--resume auto``: OUTPUT_DIR/checkpoint.pth when rank 0 sees it, else a fresh start."""
-    if args.resume != "auto":
-        return args.resume
-    if args.start_over:  # the run that is there goes aside (RunFolder.start)
-        return ""
-    path = os.path.join(args.output_dir or ".", "checkpoint.pth")
-    found = dist_utils.all_gather_object(os.path.isfile(path))[0]  # every rank takes rank 0's answer
-    if found:
-        return path
-    if args.test_only:
-        raise UserError(f"--resume auto: there is no {path} to evaluate")
-    print_main(f"--resume auto: no {path} yet, starting fresh")
-    return ""
-
-
 def _student_weights(path):
     """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
     return SourceCheckpoint(path).student_state("student")
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}  # train() takes them over
-    try:
-        return run_and_report(train, args)
-    except KeyboardInterrupt:  # a second Ctrl-C (the first saves), or one where nothing is saved
-        print_error(UserError(f"stopped by Ctrl-C: nothing saved since the last checkpoint in {args.output_dir or 'no folder'}"))
-        return 130
-    except Exception as error:  # not bad input: a bug, or a collective failing because a peer left
-        if not dist_utils.is_dist() and "TORCHELASTIC_RUN_ID" not in os.environ:
-            raise
-        if not first_to_report():  # a peer failed first and said why; this is the echo
-            return 1
-        if lost_a_peer(error):
-            print(f"error: another process of this run is gone ({one_line(error)})", file=sys.stderr, flush=True)
-            return 1
-        raise
-    finally:
-        dist_utils.cleanup()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def lost_a_peer(error):
-    """Whether ``error`` is a collective failing because another rank left (gloo, NCCL, the store)."""
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(
-        needle in text for needle in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo", "NCCL")
-    )
+    return process.main(train, parse_args(argv))
 
 
 if __name__ == "__main__":
