@@ -9,7 +9,7 @@ import yaml
 
 from cakd.train.config import get_args_parser, parse_args, save_config
 from cakd.train.optim import build_scheduler
-from cakd.train.trainer import schedule_options
+from cakd.train.run import schedule_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,7 +24,7 @@ from cakd.train.data import (
     build_loaders,
     write_listing_cache,
 )
-from cakd.train.trainer import dataset_options, loader_options
+from cakd.train.run import dataset_options, loader_options
 from make_image_folder import make_image_folder
 
 

@@ -250,7 +250,7 @@ def test_the_header_says_1_epoch_and_rkd_says_when_its_batch_is_too_small():
 
     from cakd.distillers import build_distiller
     from cakd.losses import rkd_loss
-    from cakd.train.trainer import Run
+    from cakd.train.run import Run
     from conftest import tiny_vit
 
     import cakd

@@ -240,12 +240,12 @@ def test_a_full_disk_at_the_metrics_line_loses_nothing(data, tmp_path, capsys, m
     no checkpoint and no line for the epoch, nothing left over; the rerun writes both."""
     import errno
 
-    import cakd.train.trainer as trainer
+    import cakd.train.saving as saving
 
     def no_space(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(trainer, "stage_text", no_space)
+    monkeypatch.setattr(saving, "stage_text", no_space)
     out = str(tmp_path / "run")
     code, err = run_main(flags(data, out, epochs=1), capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(f"error: could not write {out}/metrics.jsonl ([Errno 28] No space")

@@ -41,7 +41,7 @@ def test_an_epoch_replays_from_any_position_with_any_workers(data):
     leaves the trainer's RNG where it was."""
     from cakd.train.config import parse_args
     from cakd.train.data import build_datasets, build_loaders
-    from cakd.train.trainer import dataset_options, loader_options
+    from cakd.train.run import dataset_options, loader_options
 
     args = parse_args(flags(data, "unused")[:-2])
     train, val, classes = build_datasets(**dataset_options(args))

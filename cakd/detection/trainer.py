@@ -21,7 +21,7 @@ from ..train.optim import build_optimizer, parameter_groups
 from ..train.resume import check_resume, resume_path
 from ..train.rundir import on_output_dir
 from ..train.saving import CheckpointWriter, nonfinite_part
-from ..train.trainer import amp_dtype
+from ..train.config import amp_dtype
 from .config import parse_args
 from .data import build_loaders, coco_dataset, need_pycocotools
 from .engine import LrFactor, evaluate, train_one_epoch

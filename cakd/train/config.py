@@ -14,6 +14,7 @@ import os
 import re
 import sys
 
+import torch
 import yaml
 
 from ..checkpoint import write_text_atomic
@@ -477,3 +478,7 @@ def save_config(args, path):
     """The effective configuration, loadable again with ``--config``."""
     write_text_atomic(path, yaml.safe_dump(saved_args(args), sort_keys=True))
 
+
+def amp_dtype(args):
+    """The autocast dtype of ``--amp --amp-dtype`` (None without ``--amp``)."""
+    return getattr(torch, args.amp_dtype) if args.amp else None

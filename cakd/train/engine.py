@@ -5,6 +5,7 @@ discriminator step, student ``zero_grad``, ``L.backward``, optional clip, studen
 EMA update every ``model_ema_steps`` iterations (reset to a copy during LR warmup).
 """
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -122,15 +123,35 @@ def unlearned_parameters(distiller, image_size, device, memory_format=torch.cont
     return names
 
 
-def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0, disc_optimizer=None, scaler=None,
-                    amp_dtype=None, clip_grad_norm=None, memory_format=torch.contiguous_format, ema=None, ema_steps=1,
-                    ema_warmup_epochs=0, iters_per_epoch=0, print_freq=10, tensorboard=None, stop=None, checkpoint_kept=None):
-    """Train ``distiller`` for one epoch of ``loader`` from ``start_step`` (:func:`training_step`).
+@dataclasses.dataclass
+class EpochOptions:
+    """How :func:`train_one_epoch` steps, averages, logs and stops; the same for every epoch of a run.
 
-    ``ema``: updated every ``ema_steps`` iterations, a copy of the weights before epoch
-    ``ema_warmup_epochs``; ``iters_per_epoch``: a cap (0: the whole loader); ``tensorboard``:
-    the training scalars every ``print_freq`` iterations; ``stop``: a :class:`signals.StopRequest`;
-    ``checkpoint_kept``: what a run that stops now leaves, in words, for the non-finite error.
+    ``disc_optimizer``: the discriminator's (None: none); ``scaler``: a GradScaler for float16
+    autocast to ``amp_dtype``; ``clip_grad_norm``: the student's gradient norm cap; ``ema``:
+    updated every ``ema_steps`` iterations, a copy of the weights before epoch
+    ``ema_warmup_epochs``; ``iters_per_epoch``: a cap (0: the whole loader); ``tensorboard``: the
+    training scalars every ``print_freq`` iterations; ``stop``: a :class:`signals.StopRequest`;
+    ``checkpoint_kept``: what a run that stops now leaves, in words, for the non-finite error."""
+
+    disc_optimizer: object = None
+    scaler: object = None
+    amp_dtype: object = None
+    clip_grad_norm: object = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    ema: object = None
+    ema_steps: int = 1
+    ema_warmup_epochs: int = 0
+    iters_per_epoch: int = 0
+    print_freq: int = 10
+    tensorboard: object = None
+    stop: object = None
+    checkpoint_kept: object = None
+
+
+def train_one_epoch(distiller, loader, optimizer, epoch, device, options=EpochOptions(), start_step=0):
+    """Train ``distiller`` for one epoch of ``loader`` from ``start_step`` (:func:`training_step`),
+    as ``options`` (:class:`EpochOptions`) says.
 
     Returns ``(next_step, averages, mean_loss)``: the next step to run if a stop was requested
     (else None), the epoch's loss and accuracy averages over all ranks, and :func:`mean_loss`. Loss
@@ -138,6 +159,7 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     agreed by :class:`signals.StopCheck` after every step, and one in the last step lets the
     epoch end (the trainer saves it and stops there).
     """
+    o = options
     distiller.train()
     logger = MetricLogger()
     logger.add_meter("lr", TensorMeter(window=1, fmt="{value:.6f}"))
@@ -146,24 +168,24 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     if distiller.logs_distill_weight:  # the weight of the distillation terms printed beside them
         logger.add_meter("lambda", TensorMeter(window=1, fmt="{value:.3f}"))
     total = len(loader) + start_step
-    if iters_per_epoch:
-        total = min(total, iters_per_epoch)
+    if o.iters_per_epoch:
+        total = min(total, o.iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    stop_check = StopCheck(stop)
+    stop_check = StopCheck(o.stop)
     header = f"Epoch: [{epoch}]"
     with sigterm_held():  # the workers start here
         batches = itertools.islice(loader, total - start_step)
     window_images, window_start = 0, time.time()
-    for i, (images, targets) in logger.log_every(batches, print_freq, header, total=total, start=start_step):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
+    for i, (images, targets) in logger.log_every(batches, o.print_freq, header, total=total, start=start_step):
+        images = images.to(device, non_blocking=True, memory_format=o.memory_format)
         targets = targets.to(device, non_blocking=True)
         step_count = epoch * total + i  # global iteration: the same after a resume
-        losses = training_step(distiller, images, targets, epoch, optimizer, disc_optimizer, scaler, amp_dtype=amp_dtype,
-                               clip_grad_norm=clip_grad_norm, global_step=step_count)
-        if ema is not None and i % ema_steps == 0:
-            ema.update_parameters(distiller.student)
-            if epoch < ema_warmup_epochs:
-                ema.n_averaged.fill_(0)  # keep copying the weights during warmup
+        losses = training_step(distiller, images, targets, epoch, optimizer, o.disc_optimizer, o.scaler, amp_dtype=o.amp_dtype,
+                               clip_grad_norm=o.clip_grad_norm, global_step=step_count)
+        if o.ema is not None and i % o.ema_steps == 0:
+            o.ema.update_parameters(distiller.student)
+            if epoch < o.ema_warmup_epochs:
+                o.ema.n_averaged.fill_(0)  # keep copying the weights during warmup
 
         detached = {name: value.detach() for name, value in losses.items()}
         nonfinite |= ~torch.isfinite(detached["total"])
@@ -176,7 +198,7 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
         window_images += images.shape[0]
 
         last = i == total - 1
-        if i % print_freq == 0 or last:
+        if i % o.print_freq == 0 or last:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the steps queued so far are done: img/s is true
             now = time.time()
@@ -184,17 +206,17 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
             window_images, window_start = 0, now
             if any_rank(bool(nonfinite.item()), device):
                 values = ", ".join(f"{k}={v.item():.4g}" for k, v in detached.items())
-                kept = f"; {checkpoint_kept()}" if checkpoint_kept is not None else ""
+                kept = f"; {o.checkpoint_kept()}" if o.checkpoint_kept is not None else ""
                 raise TrainingError(
                     f"non-finite loss in epoch {epoch} by iteration {i} ({values}){kept}: "
                     "lower --lr, set --clip-grad-norm, or check the data"
                 )
             scalars = {name: logger.meters[name].avg for name in logger.meters if name.startswith("loss")}
             scalars.update({"lambda": lam, "lr": optimizer.param_groups[0]["lr"], "img_per_s": logger.meters["img/s"].median})
-            if disc_optimizer is not None:
-                scalars["disc_lr"] = disc_optimizer.param_groups[0]["lr"]
-            if tensorboard is not None:
-                tensorboard.scalars(scalars, step_count, prefix="train/")
+            if o.disc_optimizer is not None:
+                scalars["disc_lr"] = o.disc_optimizer.param_groups[0]["lr"]
+            if o.tensorboard is not None:
+                o.tensorboard.scalars(scalars, step_count, prefix="train/")
         if not last and stop_check():
             return i + 1, {}, mean_loss(logger, device)
     names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
