@@ -2,7 +2,7 @@
 from .checkpoint import export_student
 from .distillers import BaselineConfig, CAKDConfig, IRGConfig, KDConfig, LogitsConfig, RKDConfig, build_distiller
 from .losses import irg_loss, kd_loss, rkd_loss
-from .models import build_student
+from .students import build_student
 from .teachers import build_teacher
 
 __all__ = [

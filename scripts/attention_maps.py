@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from cakd.models import IMAGENET_MEAN, IMAGENET_STD
+from cakd.students import IMAGENET_MEAN, IMAGENET_STD
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
 from cakd.train.errors import UserError, run_and_report

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cakd
-from cakd.models import load_torchvision_weights
+from cakd.students import load_torchvision_weights
 
 
 class Payload:

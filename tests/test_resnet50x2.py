@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cakd
-from cakd.models import architecture, check_pair, student_layout, token_grid
+from cakd.students import architecture, check_pair, student_layout, token_grid
 from cakd.train.config import get_args_parser
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checkpoint import load_reference_state_dict
-from ..models import head_name, num_classes_of
+from ..students import head_name, num_classes_of
 from ..projectors import PartialCrossAttentionProjector
 from ..taps import StudentTaps, profiled
 from ..teachers import teacher_taps

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
-from ..models import CNN_STUDENTS, student_layout
+from ..students import CNN_STUDENTS, student_layout
 from ..multiview import MultiViewGenerator
 from ..projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
 from ..taps import profiled

@@ -8,7 +8,7 @@ import torch
 from torchvision.models import SwinTransformer, VisionTransformer
 
 from ..losses import irg_loss
-from ..models import student_layout
+from ..students import student_layout
 from ..taps import FeatureTaps
 from ..teachers import teacher_taps
 from .base import BaselineConfig, Distiller, check_classes, register_distiller

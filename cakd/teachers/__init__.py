@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models import architecture, classifier_key, load_state_dict, no_weights, student_layout
+from ..students import architecture, classifier_key, load_state_dict, no_weights, student_layout
 from .base import TeacherFamily, TeacherTaps
 
 REGISTRY = {}  # teacher name -> its family (an instance), in registration order

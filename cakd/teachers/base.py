@@ -52,7 +52,7 @@ class TeacherFamily:
     Subclass it, set the class attributes, implement the methods, and decorate the class with
     :func:`cakd.teachers.register_teacher_family`; the names then work wherever a teacher name
     does (``--teacher``, :func:`cakd.build_teacher`, a fine-tuned teacher as ``--model``).
-    Weights are read by name the same way for every family (``cakd.models.load_state_dict``):
+    Weights are read by name the same way for every family (``cakd.students.load_state_dict``):
     None or ``"none"`` (random), a torchvision weights-enum member of the name, or a local
     ``.pth`` state dict.
     """

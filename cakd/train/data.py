@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from ..checkpoint import write_text_atomic
 from ..errors import CakdError
-from ..models import IMAGENET_MEAN, IMAGENET_STD
+from ..students import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler
 from .signals import worker_init
 

@@ -10,7 +10,7 @@ from torchvision.transforms import InterpolationMode
 
 from ..checkpoint import load_strict
 from ..distillers import build_distiller
-from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
+from ..students import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
 from .config import distiller_option_fields
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
 from .errors import UserError, one_line

@@ -307,7 +307,7 @@ def student_layout(student: nn.Module, image_size: int, name=None) -> StudentLay
 
 
 def __getattr__(name):
-    """The old homes of what moved to :mod:`cakd.teachers` (``cakd.models.build_teacher``,
+    """The old homes of what moved to :mod:`cakd.teachers` (``cakd.students.build_teacher``,
     ``TEACHERS``, ``deit_b`` ...), ``STUDENTS`` (registered teachers included) and
     ``OWN_BUILDERS`` (every model torchvision has no builder for), read when asked: a lazy
     import, since the teacher families import this module."""
