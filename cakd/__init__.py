@@ -2,8 +2,7 @@
 from .checkpoint import export_student
 from .distillers import BaselineConfig, CAKDConfig, IRGConfig, KDConfig, LogitsConfig, RKDConfig, build_distiller
 from .losses import irg_loss, kd_loss, rkd_loss
-from .students import build_student
-from .teachers import build_teacher
+from .zoo import build_student, build_teacher
 
 __all__ = [
     "BaselineConfig",

@@ -1,20 +1,18 @@
-"""Builders for torchvision students by name, the weights of any model by name, and the
-choice of the student stage whose grid equals the teacher's token grid.
+"""What is the student's alone: the CNN names, the builders torchvision lacks, and the choice
+of the student stage whose grid equals the teacher's token grid.
 
-Students are torchvision CNNs (ResNet, Wide-ResNet, ResNeXt, MobileNet, EfficientNet); any
-teacher of ``cakd.teachers.TEACHERS`` may also be trained as a plain student (to fine-tune a
-teacher), built by its family. The stage is found by one rule, with no table per model: a
-forward pass on the meta device (no memory, no arithmetic) records each stage's output
-shape, and the last stage whose grid is the teacher's wins.
+Students are torchvision CNNs (ResNet, Wide-ResNet, ResNeXt, MobileNet, EfficientNet); a
+registered teacher may also be trained as a plain student (to fine-tune it), built by its
+family through :mod:`cakd.zoo`, which builds and loads any model by name. The stage is found
+by one rule, with no table per model: a forward pass on the meta device (no memory, no
+arithmetic) records each stage's output shape, and the last stage whose grid is the teacher's wins.
 """
 import hashlib
-import importlib
 import os
 import re
 from dataclasses import dataclass
 
 import torch
-import torchvision
 from torch import nn
 from torch.func import functional_call
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -41,26 +39,6 @@ CNN_STUDENTS = (
     "mobilenet_v3_large",
     *(f"efficientnet_b{i}" for i in range(8)),
 )
-
-
-def student_names() -> tuple:
-    """What ``--model`` accepts (``STUDENTS``): a CNN for every recipe, a registered teacher
-    for the plain recipes (fine-tuning a teacher)."""
-    from .teachers import TEACHERS  # imported here: cakd.teachers imports this module
-
-    return CNN_STUDENTS + tuple(TEACHERS)
-
-
-# names that moved to cakd.teachers, still read from here (see __getattr__ at the end)
-_MOVED = {
-    "TEACHERS": "cakd.teachers",
-    "build_teacher": "cakd.teachers",
-    "check_teacher_input": "cakd.teachers",
-    "check_pair": "cakd.teachers",
-    "token_grid": "cakd.teachers",
-    "deit_b": "cakd.teachers.vit",
-    "swin_l": "cakd.teachers.swin",
-}
 
 
 class DoubleBottleneck(Bottleneck):
@@ -91,95 +69,6 @@ def resnet50x2(num_classes: int = 1000) -> ResNet:
 
 
 STUDENT_BUILDERS = {"resnet50x2": resnet50x2}  # the students torchvision has no builder for
-
-
-def architecture(name: str, num_classes: int = 1000, image_size: int = 224) -> nn.Module:
-    """A randomly initialised model by name (a teacher built by its family, for ``image_size``)."""
-    from .teachers import family_of  # imported here: cakd.teachers imports this module
-
-    family = family_of(name)
-    if family is not None:
-        return family.build(name, num_classes, image_size)
-    if name not in CNN_STUDENTS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(student_names())}")
-    if name in STUDENT_BUILDERS:
-        return STUDENT_BUILDERS[name](num_classes=num_classes)
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-
-
-def no_weights(weights) -> bool:
-    """Whether ``weights`` asks for random weights: None, ``"none"`` or an empty string."""
-    return weights is None or str(weights).lower() in ("", "none")
-
-
-def build_student(name: str, num_classes: int = 1000, weights=None, image_size: int = 224) -> nn.Module:
-    """A plain torchvision model, randomly initialised (the released recipes train from scratch).
-
-    ``weights`` (a weights-enum member name such as ``"IMAGENET1K_V1"``, or a ``.pth`` path)
-    initialises it instead: a classifier for another class count is left at its random
-    initialisation, and a teacher's family adapts them to ``image_size`` (a ViT's position
-    embeddings are interpolated).
-    """
-    from .teachers import family_of  # imported here: cakd.teachers imports this module
-
-    if name not in student_names():
-        raise ValueError(f"unknown student {name!r}: choose one of {', '.join(student_names())}")
-    model = architecture(name, num_classes, image_size)
-    if not no_weights(weights):
-        state = load_state_dict(name, weights, role="student")
-        family = family_of(name)
-        if family is not None:
-            state = family.adapt_state_dict(state, model, image_size)
-        head = classifier_key(model)
-        if state.get(head + ".weight") is not None and state[head + ".weight"].shape[0] != num_classes:
-            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not key.startswith(head + ".") for key in missing):
-            raise ValueError(f"weights {weights!r} do not fit {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model
-
-
-def _meta(name):
-    with torch.device("meta"):
-        return architecture(name)
-
-
-def load_state_dict(name: str, weights, progress: bool = True, role: str = "teacher"):
-    """A model's state dict from a local file (a state dict, or a checkpoint holding one under
-    ``model`` or ``state_dict``) or a torchvision weights-enum member of ``name``; ``role``
-    (teacher, student) names it in errors."""
-    from .teachers import family_of  # imported here: cakd.teachers imports this module
-
-    converted = name in getattr(family_of(name), "converted", ())  # made by scripts/convert_weights.py
-    weights = str(weights)
-    if weights.endswith((".pth", ".pt")) or os.sep in weights:
-        if not os.path.isfile(weights):
-            hint = ""
-            if converted:
-                hint = f": make it with python scripts/convert_weights.py --arch {name} --input OFFICIAL.pth --output {weights}"
-            raise FileNotFoundError(f"{role} weights file {weights} does not exist{hint}")
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as error:  # a broken file, or a pickle of other objects
-            raise ValueError(f"{role} weights file {weights} cannot be read ({load_error(error)}): pass a state dict .pth") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-                state = state[key]
-        head = classifier_key(_meta(name)) + ".weight"
-        if not isinstance(state, dict) or head not in state:
-            raise ValueError(f"{weights} is not a state dict of {name} (no {head})")
-        return dict(state)
-    try:
-        enum = torchvision.models.get_model_weights(name)
-    except ValueError:  # a model of our own (resnet50x2, deit_b, swin_l, a plug-in's)
-        how = f"convert the official release with scripts/convert_weights.py --arch {name} and " if converted else ""
-        raise ValueError(f"torchvision has no {name} weights: {how}pass the .pth file") from None
-    try:
-        member = enum[weights]
-    except KeyError:
-        members = ", ".join(enum.__members__)
-        raise ValueError(f"unknown weights {weights!r} for {name}: use one of {members}, none, or a .pth path") from None
-    return load_torchvision_weights(name, weights, member.url, progress)
 
 
 def load_torchvision_weights(name: str, weights: str, url: str, progress: bool = True) -> dict:
@@ -304,19 +193,3 @@ def student_layout(student: nn.Module, image_size: int, name=None) -> StudentLay
             hook.remove()
     stages = [(name, shape[1], shape[2], shape[3]) for name, shape in shapes if len(shape) == 4]
     return StudentLayout(name or type(student).__name__, image_size, stages, head, pooled[0])
-
-
-def __getattr__(name):
-    """The old homes of what moved to :mod:`cakd.teachers` (``cakd.students.build_teacher``,
-    ``TEACHERS``, ``deit_b`` ...), ``STUDENTS`` (registered teachers included) and
-    ``OWN_BUILDERS`` (every model torchvision has no builder for), read when asked: a lazy
-    import, since the teacher families import this module."""
-    if name == "STUDENTS":
-        return student_names()
-    if name == "OWN_BUILDERS":
-        from .teachers import REGISTRY
-
-        return {**STUDENT_BUILDERS, **{n: b for family in dict.fromkeys(REGISTRY.values()) for n, b in family.builders.items()}}
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

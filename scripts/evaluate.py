@@ -25,7 +25,8 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from cakd.corruptions import VIEW_PROTOCOLS
-from cakd.students import no_weights, num_classes_of
+from cakd.students import num_classes_of
+from cakd.zoo import no_weights
 from cakd.train import distributed as dist_utils
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter

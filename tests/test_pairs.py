@@ -8,7 +8,8 @@ from torchvision.models import SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 import cakd
-from cakd.students import architecture, student_layout
+from cakd.students import student_layout
+from cakd.zoo import architecture
 from cakd.taps import split_heads
 from cakd.teachers import teacher_taps
 from cakd.teachers.swin import SwinTaps, swin_qkv, swin_scores

@@ -10,7 +10,9 @@ import torch
 import cakd
 import cakd.students
 import cakd.teachers
-from cakd.teachers import TEACHERS, build_teacher, check_pair, check_teacher_input, family_of, teacher_taps, token_grid
+import cakd.zoo
+from cakd.teachers import TEACHERS, check_teacher_input, family_of, teacher_taps, token_grid
+from cakd.zoo import build_teacher, check_pair
 
 # the names the issue gives the built-in families, in the order --teacher lists them
 BUILT_IN = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b",
@@ -64,23 +66,23 @@ def plugin(tmp_path, monkeypatch):
 
 def test_built_in_names_and_families():
     assert tuple(TEACHERS) == BUILT_IN
-    assert cakd.students.TEACHERS is TEACHERS and cakd.students.STUDENTS == cakd.students.CNN_STUDENTS + BUILT_IN
+    assert cakd.zoo.student_names() == cakd.students.CNN_STUDENTS + BUILT_IN
     for name in BUILT_IN:
         with torch.device("meta"):
-            model = cakd.students.architecture(name)
+            model = cakd.zoo.architecture(name)
         assert family_of(model) is family_of(name) and name in family_of(name).names, name
     assert family_of("vit_b_16") is family_of("deit_b") is not family_of("swin_l") is family_of("swin_v2_b")
     assert family_of("resnet50") is None and family_of(cakd.build_student("resnet18")) is None
 
 
 def test_a_plugin_family_builds_teachers_and_taps(plugin, tmp_path):
-    assert TEACHERS[-1] == "tiny_vit_s16" and "tiny_vit_s16" in cakd.students.STUDENTS
+    assert TEACHERS[-1] == "tiny_vit_s16" and "tiny_vit_s16" in cakd.zoo.student_names()
     torch.manual_seed(0)
     teacher = build_teacher("tiny_vit_s16", weights="none", image_size=64, num_classes=10)
     assert isinstance(teacher, plugin.TinyViT) and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert isinstance(family_of(teacher), plugin.TinyViTFamily)
-    assert not isinstance(family_of(cakd.students.architecture("vit_b_32", image_size=64)), plugin.TinyViTFamily)
+    assert not isinstance(family_of(cakd.zoo.architecture("vit_b_32", image_size=64)), plugin.TinyViTFamily)
     assert token_grid(teacher, 64) == 4
     check_pair("resnet18", "tiny_vit_s16", 64)  # 4x4 tokens: resnet18's layer3 at 64
     with pytest.raises(ValueError, match="image size 72 is not a multiple of tiny_vit_s16's patch size 16"):

@@ -5,13 +5,11 @@ over the protocol in :mod:`.base`, registered with :func:`register_teacher_famil
 module registers its own family the same way. Nothing here knows a family: an unknown name is
 one error listing the registered ones.
 """
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..students import architecture, classifier_key, load_state_dict, no_weights, student_layout
 from .base import TeacherFamily, TeacherTaps
 
 REGISTRY = {}  # teacher name -> its family (an instance), in registration order
@@ -58,53 +56,18 @@ def family_of(model_or_name):
     return None
 
 
-def _family(name: str) -> TeacherFamily:
+def teacher_family(name: str) -> TeacherFamily:
     family = REGISTRY.get(name)
     if family is None:
         raise ValueError(f"unknown teacher {name!r}: choose one of {', '.join(REGISTRY)}")
     return family
 
 
-def build_teacher(name: str, weights=None, image_size: int = 224, num_classes=None, progress: bool = True):
-    """A registered teacher in eval mode with frozen parameters.
-
-    ``weights``: None (random, with a warning) or ``"none"`` (random, asked for: for smoke
-    runs, no warning), a weights-enum member name such as ``"IMAGENET1K_V1"`` (downloaded once
-    into torch's hub cache), or a path to a ``.pth`` state dict (``swin_l`` and ``deit_b`` have
-    no torchvision weights: convert the official release with ``scripts/convert_weights.py``).
-    The family adapts the weights to ``image_size`` (a ViT's position embeddings are
-    interpolated) and refuses a size it cannot take (a Swin must see its whole last stage in
-    one attention window).
-    """
-    family = _family(name)
-    meta = check_teacher_input(name, image_size)
-    state_dict = None
-    if not no_weights(weights):
-        state_dict = load_state_dict(name, weights, progress)
-        file_classes = state_dict[classifier_key(meta) + ".weight"].shape[0]
-        if num_classes is not None and num_classes != file_classes:
-            raise ValueError(f"teacher weights {weights!r} predict {file_classes} classes, not {num_classes}")
-        num_classes = file_classes
-        state_dict = family.adapt_state_dict(state_dict, meta, image_size)
-    model = family.build(name, num_classes or 1000, image_size)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    elif weights is None:
-        warnings.warn(f"teacher {name} has random weights: fine for smoke runs, meaningless for distillation")
-    return freeze(model)
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
 def check_teacher_input(name: str, image_size: int) -> nn.Module:
     """Refuse, in words, an input size the teacher cannot take (torchvision's ViT only
     asserts), before anything is built or downloaded. Returns the architecture on the meta
     device (its sizes, no memory or arithmetic)."""
-    family = _family(name)
+    family = teacher_family(name)
     with torch.device("meta"):
         meta = family.build(name)
     family.token_grid(meta, image_size, name)
@@ -120,14 +83,6 @@ def teacher_taps(teacher: nn.Module, image_size: int, attention: bool = True, to
                  fold: str = "auto") -> TeacherTaps:
     """The family's :class:`~.base.TeacherTaps` on ``teacher`` at ``image_size``."""
     return _family_of_model(teacher).taps(teacher, image_size, attention, tokens, qkv, fold)
-
-
-def check_pair(student: str, teacher: str, image_size: int):
-    """Raise the distiller's error for a pair of model names whose grids cannot meet, before
-    anything is built or downloaded (both are looked at on the meta device)."""
-    grid = token_grid(check_teacher_input(teacher, image_size), image_size, teacher)
-    with torch.device("meta"):
-        student_layout(architecture(student), image_size, student).stage_for(grid)
 
 
 def _family_of_model(model: nn.Module) -> TeacherFamily:

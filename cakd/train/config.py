@@ -18,7 +18,7 @@ import yaml
 
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
-from ..students import student_names
+from ..zoo import student_names
 from ..teachers import TEACHERS
 from .errors import first_to_report
 from .optim import SCHEDULERS

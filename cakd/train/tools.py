@@ -10,7 +10,8 @@ from torchvision.transforms import InterpolationMode
 
 from ..checkpoint import load_strict
 from ..distillers import build_distiller
-from ..students import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
+from ..students import CNN_STUDENTS, classifier_key, num_classes_of
+from ..zoo import architecture, build_student, build_teacher, no_weights, student_names
 from .config import distiller_option_fields
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
 from .errors import UserError, one_line
@@ -64,8 +65,8 @@ def load_student(checkpoint, which="student", model=None):
     """
     state = checkpoint.student_state(which)
     arch = student_arch(checkpoint, model, state)
-    if arch not in STUDENTS:
-        raise UserError(f"unknown student {arch!r}: choose one of {', '.join(STUDENTS)}")
+    if arch not in student_names():
+        raise UserError(f"unknown student {arch!r}: choose one of {', '.join(student_names())}")
     with torch.device("meta"):
         head = classifier_key(architecture(arch)) + ".weight"
     if head not in state:
