@@ -11,7 +11,7 @@ import cakd
 from cakd.students import student_layout
 from cakd.zoo import architecture
 from cakd.taps import split_heads
-from cakd.teachers import teacher_taps
+from cakd.teachers.registry import teacher_taps
 from cakd.teachers.swin import SwinTaps, swin_qkv, swin_scores
 from cakd.train.trainer import main
 from conftest import tiny_vit

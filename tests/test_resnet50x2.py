@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cakd
 from cakd.students import student_layout
-from cakd.teachers import token_grid
+from cakd.teachers.registry import token_grid
 from cakd.zoo import architecture, check_pair
 from cakd.train.config import get_args_parser
 

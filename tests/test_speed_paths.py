@@ -195,7 +195,7 @@ def test_auto_fold_at_full_size_equals_never():
 def test_teacher_fold_follows_the_teacher_weights(setup):
     """The teacher's folded in_proj (biases included) is cached per weight tensor and version: after
     an in-place load and after ``.double()`` the maps still equal the unfolded ones."""
-    from cakd.teachers import teacher_taps
+    from cakd.teachers.registry import teacher_taps
 
     _, teacher, images, _ = setup
     teacher = copy.deepcopy(teacher)

@@ -9,9 +9,9 @@ import torch
 
 import cakd
 import cakd.students
-import cakd.teachers
+import cakd.teachers.registry
 import cakd.zoo
-from cakd.teachers import TEACHERS, check_teacher_input, family_of, teacher_taps, token_grid
+from cakd.teachers.registry import TEACHERS, check_teacher_input, family_of, teacher_taps, token_grid
 from cakd.zoo import build_teacher, check_pair
 
 # the names the issue gives the built-in families, in the order --teacher lists them
@@ -22,7 +22,7 @@ BUILT_IN = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b"
 PLUGIN = '''
 from torchvision.models import VisionTransformer
 
-from cakd.teachers import register_teacher_family
+from cakd.teachers.registry import register_teacher_family
 from cakd.teachers.base import TeacherFamily
 from cakd.teachers.vit import ViTTaps, vit_grid
 
@@ -57,7 +57,7 @@ class TinyViTFamily(TeacherFamily):
 def plugin(tmp_path, monkeypatch):
     """The plug-in module imported from a folder outside the package; the registry (and so
     TEACHERS) is as before once the test ends."""
-    monkeypatch.setattr(cakd.teachers, "REGISTRY", dict(cakd.teachers.REGISTRY))
+    monkeypatch.setattr(cakd.teachers.registry, "REGISTRY", dict(cakd.teachers.registry.REGISTRY))
     (tmp_path / "my_teachers.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield importlib.import_module("my_teachers")
@@ -126,7 +126,7 @@ def test_a_plugin_family_builds_teachers_and_taps(plugin, tmp_path):
 
 def test_a_name_is_registered_once(plugin):
     with pytest.raises(ValueError, match="teacher tiny_vit_s16 is already registered: give TinyViTFamily other names"):
-        cakd.teachers.register_teacher_family(plugin.TinyViTFamily)
+        cakd.teachers.registry.register_teacher_family(plugin.TinyViTFamily)
 
 
 @pytest.mark.parametrize(

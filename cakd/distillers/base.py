@@ -24,7 +24,7 @@ from ..checkpoint import load_reference_state_dict
 from ..students import head_name, num_classes_of
 from ..projectors import PartialCrossAttentionProjector
 from ..taps import StudentTaps, profiled
-from ..teachers import teacher_taps
+from ..teachers.registry import teacher_taps
 
 DISTILLERS = {}  # recipe name -> Distiller subclass, filled by register_distiller
 

@@ -10,7 +10,7 @@ from torchvision.models import SwinTransformer, VisionTransformer
 from ..losses import irg_loss
 from ..students import student_layout
 from ..taps import FeatureTaps
-from ..teachers import teacher_taps
+from ..teachers.registry import teacher_taps
 from .base import BaselineConfig, Distiller, check_classes, register_distiller
 from .rkd import StudentFeatures
 

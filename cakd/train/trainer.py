@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from . import distributed as dist_utils
 from ..checkpoint import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
-from ..teachers import check_teacher_input
+from ..teachers.registry import check_teacher_input
 from ..zoo import build_student, build_teacher, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
