@@ -20,7 +20,7 @@ class AttentionProjector(nn.Module):
 
     Returns ``(attn_qk, attn_vv)``, both ``mean_h(x_h y_h^T) * head_dim**-0.5`` before
     softmax. The released module's unused output projection is left out (it never
-    received a gradient); :func:`cakd.checkpoint` drops its keys on import.
+    received a gradient); :func:`cakd.weights` drops its keys on import.
 
     ``fold``: ``"auto"`` computes ``attn_qk`` as ``S (W_q^T W_k) S^T`` (:func:`folded_scores`)
     when that takes fewer FLOPs than projecting every token to q and k (a batch with more tokens

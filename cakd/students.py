@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from .checkpoint import load_error
+from .weights import load_error
 
 # the normalization of torchvision's ImageNet weights, teachers and students alike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

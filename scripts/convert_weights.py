@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from cakd.checkpoint import load_error, load_strict, save_atomic
+from cakd.weights import load_error, load_strict, save_atomic
 from cakd.teachers.swin import swin_l
 from cakd.teachers.vit import deit_b
 from cakd.train.config import HelpFormatter

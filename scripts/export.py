@@ -19,7 +19,7 @@ import sys
 import torch
 
 from cakd import export_student
-from cakd.checkpoint import load_strict, save_atomic, split_reference_state_dict
+from cakd.weights import load_strict, save_atomic, split_reference_state_dict
 from cakd.distillers import BaselineDistiller, StudentWithProjectors
 from cakd.students import num_classes_of
 from cakd.zoo import architecture, build_student, own_builders

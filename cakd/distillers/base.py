@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import load_reference_state_dict
+from ..weights import load_reference_state_dict
 from ..students import head_name, num_classes_of
 from ..projectors import PartialCrossAttentionProjector
 from ..taps import StudentTaps, profiled

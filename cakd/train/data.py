@@ -16,7 +16,7 @@ from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from ..checkpoint import write_text_atomic
+from ..weights import write_text_atomic
 from ..errors import CakdError
 from ..students import IMAGENET_MEAN, IMAGENET_STD
 from .seeds import SeededCollate, SeededDataset, SeededSampler

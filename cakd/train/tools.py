@@ -8,7 +8,7 @@ import os
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ..checkpoint import load_strict
+from ..weights import load_strict
 from ..distillers import build_distiller
 from ..students import CNN_STUDENTS, classifier_key, num_classes_of
 from ..zoo import architecture, build_student, build_teacher, no_weights, student_names

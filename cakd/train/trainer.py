@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic
+from ..weights import save_atomic
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
 from ..teachers.registry import check_teacher_input
 from ..zoo import build_student, build_teacher, no_weights

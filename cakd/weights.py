@@ -15,7 +15,8 @@ _GL_KEY = re.compile(r"gl_proj\.layers\.fc_layer_(\d+)\.(weight|bias)$")
 _PROJECTOR_PREFIXES = ("pca_proj.", "gl_proj.", "cls_proj.")
 
 
-def _strip_prefix(state_dict, prefix="module."):
+def strip_prefix(state_dict, prefix="module."):
+    """``state_dict`` without ``prefix`` (DDP's ``module.``) when every key has it; a copy as it is otherwise."""
     if all(key.startswith(prefix) for key in state_dict):
         return {key[len(prefix) :]: value for key, value in state_dict.items()}
     return dict(state_dict)
@@ -28,7 +29,7 @@ def split_reference_state_dict(state_dict):
     the projector keys renamed to ``StudentWithProjectors`` (the 16 group Linears stacked
     into ``gl_proj.weight`` / ``gl_proj.bias``; the never-used ``pca_proj.to_out`` dropped).
     """
-    state_dict = _strip_prefix(state_dict)
+    state_dict = strip_prefix(state_dict)
     student = {k: v for k, v in state_dict.items() if not k.startswith(_PROJECTOR_PREFIXES)}
     projectors = {}
     groups = {}
@@ -81,7 +82,7 @@ def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=No
     if discriminator_state_dict is not None:
         if distiller.discriminator is None:
             raise ValueError("a discriminator state was given but this recipe has no discriminator")
-        load_strict(distiller.discriminator, _strip_prefix(discriminator_state_dict), "the discriminator does not fit", "check disc_form")
+        load_strict(distiller.discriminator, strip_prefix(discriminator_state_dict), "the discriminator does not fit", "check disc_form")
 
 
 def export_student(model):
