@@ -7,17 +7,12 @@ family through :mod:`cakd.zoo`, which builds and loads any model by name. The st
 by one rule, with no table per model: a forward pass on the meta device (no memory, no
 arithmetic) records each stage's output shape, and the last stage whose grid is the teacher's wins.
 """
-import hashlib
-import os
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 from torchvision.models.resnet import Bottleneck, ResNet
-
-from .weights import load_error
 
 # the normalization of torchvision's ImageNet weights, teachers and students alike
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,44 +64,6 @@ def resnet50x2(num_classes: int = 1000) -> ResNet:
 
 
 STUDENT_BUILDERS = {"resnet50x2": resnet50x2}  # the students torchvision has no builder for
-
-
-def load_torchvision_weights(name: str, weights: str, url: str, progress: bool = True) -> dict:
-    """A torchvision weights file from torch's hub cache (downloaded there once), read with
-    ``weights_only=True`` after its SHA-256 is checked against the prefix its name carries.
-
-    torchvision's own ``get_state_dict`` checks the hash only on download and unpickles a
-    cached file with ``weights_only=False``: a file placed in the cache could run code."""
-    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    found = re.search(torch.hub.HASH_REGEX, os.path.basename(url))
-    prefix = found.group(1) if found else None
-    if not os.path.isfile(target):
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            torch.hub.download_url_to_file(url, target, hash_prefix=prefix, progress=progress)
-        except Exception as error:  # URLError, socket errors, hash mismatch: all mean "no usable file"
-            raise RuntimeError(
-                f"could not download {name} {weights} weights from {url} ({type(error).__name__}: {error}); "
-                f"offline, put that file at {target} or pass a local .pth path as the weights"
-            ) from None
-    if prefix and not sha256_of(target).startswith(prefix):
-        raise ValueError(
-            f"{target} is not the {name} {weights} file: its SHA-256 does not start with {prefix}, as its name says; "
-            "delete it (it is downloaded again) or put the file from " + url + " there"
-        )
-    try:
-        return torch.load(target, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{target} cannot be read ({load_error(error)}): delete it, it is downloaded again") from None
-
-
-def sha256_of(path: str) -> str:
-    """The hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

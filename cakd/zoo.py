@@ -12,10 +12,10 @@ import torch
 import torchvision
 from torch import nn
 
-from .weights import load_error
-from .students import CNN_STUDENTS, STUDENT_BUILDERS, classifier_key, load_torchvision_weights, student_layout
+from .students import CNN_STUDENTS, STUDENT_BUILDERS, classifier_key, student_layout
 # importing cakd.teachers.registry imports the package cakd.teachers first, which registers the built-in families
 from .teachers.registry import TEACHERS, check_teacher_input, family_of, teacher_family, token_grid
+from .weights import load_error, load_torchvision_weights
 
 
 def student_names() -> tuple:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cakd
-from cakd.students import load_torchvision_weights
+from cakd.weights import load_torchvision_weights
 
 
 class Payload:
