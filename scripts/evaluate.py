@@ -32,7 +32,7 @@ from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
 from cakd.train.data import ShardSampler
 from cakd.train.engine import evaluate, evaluate_views
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.logging import print_main
 from cakd.train.tools import (
     DEFAULTS,

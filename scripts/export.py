@@ -25,7 +25,7 @@ from cakd.students import num_classes_of
 from cakd.zoo import architecture, build_student, own_builders
 from cakd.train.checkpoints import Parts, SourceCheckpoint
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.optim import ExponentialMovingAverage
 from cakd.train.tools import add_shared_flags, check_output, load_student, pick, student_arch
 

@@ -25,7 +25,7 @@ import sys
 import yaml
 
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.figures import pyplot, save
 from cakd.train.published import PAPER, figure3, figure3_column, published
 from cakd.train.tools import DEFAULTS

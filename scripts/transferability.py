@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.distributed import check_device
 from cakd.train.tools import add_shared_flags, pick, rebuild_distiller, training_crop_val_dataset
 

@@ -19,7 +19,7 @@ import torch
 
 from ..weights import load_error, split_reference_state_dict, strip_prefix
 from ..errors import CakdError
-from .errors import one_line
+from .report import one_line
 
 # A run's parts, each saved as its state dict (None where the run has no such part): the
 # student, its projectors, the discriminator, both optimizers and schedules, the AMP scaler, the EMA.

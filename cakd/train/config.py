@@ -20,7 +20,7 @@ from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
 from ..zoo import student_names
 from ..teachers.registry import TEACHERS
-from .errors import first_to_report
+from .report import first_to_report
 from .optim import SCHEDULERS
 from .plugins import PluginError, load_plugins, plugins_in
 

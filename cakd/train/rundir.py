@@ -14,7 +14,7 @@ import os
 import re
 import socket
 
-from .errors import UserError
+from .report import UserError
 
 LOCK_FILE = ".lock"
 RUN_FILES = ("checkpoint.pth", "config.yaml", "metrics.jsonl", "dataset_cache.json", "tensorboard")

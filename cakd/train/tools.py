@@ -14,7 +14,7 @@ from ..students import CNN_STUDENTS, classifier_key, num_classes_of
 from ..zoo import architecture, build_student, build_teacher, no_weights, student_names
 from .config import distiller_option_fields
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
-from .errors import UserError, one_line
+from .report import UserError, one_line
 
 # The eval preset of the three recipes (configs/*.yaml), for files that carry no flags.
 RECIPE_EVAL = {"val_resize_size": 224, "val_crop_size": 224, "interpolation": "bilinear"}

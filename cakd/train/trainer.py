@@ -25,7 +25,7 @@ from .config import distiller_overrides, parse_args, save_config, saved_args
 from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
 from .data import build_datasets, build_loaders
 from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
-from .errors import UserError, first_to_report, one_line, print_error, run_and_report
+from .report import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
