@@ -1,7 +1,5 @@
 """What a resume may change: the flags a checkpoint's run is resumed with are checked against
 the ones it saved (the checkpoint itself is read and loaded by :mod:`checkpoints`)."""
-from .checkpoints import finished  # noqa: F401 (its old home: experiment scripts copied before it moved import it from here)
-
 
 # What a resume may change (the README lists it). Free: how the run is executed, kept or
 # evaluated, not what it trains; --epochs too, except under the cosine schedule (its length is in
