@@ -44,7 +44,7 @@ from cakd.distillers import CAKDDistiller
 from cakd.train.config import HelpFormatter
 from cakd.train.data import ClassificationPresetTrain, ImageFolder
 from cakd.train.engine import autocast, training_step
-from cakd.train.tools import DEFAULTS, add_shared_flags
+from cakd.train.scriptkit import DEFAULTS, add_shared_flags
 from make_image_folder import make_image_folder  # beside this script
 
 MODES = ("ideal", "baseline", "logits", "cakd", "released_style")

@@ -22,7 +22,7 @@ from cakd.teachers.swin import swin_l
 from cakd.teachers.vit import deit_b
 from cakd.train.config import HelpFormatter
 from cakd.train.report import UserError, run_and_report
-from cakd.train.tools import check_output
+from cakd.train.scriptkit import check_output
 
 BUILDERS = {"deit_b": deit_b, "swin_l": swin_l}  # what the output loads into
 

@@ -34,7 +34,7 @@ from cakd.train.data import ShardSampler
 from cakd.train.engine import evaluate, evaluate_views
 from cakd.train.report import UserError, run_and_report
 from cakd.train.logging import print_main
-from cakd.train.tools import (
+from cakd.train.scriptkit import (
     DEFAULTS,
     RECIPE_EVAL,
     add_shared_flags,

@@ -27,7 +27,7 @@ from cakd.train.checkpoints import Parts, SourceCheckpoint
 from cakd.train.config import HelpFormatter
 from cakd.train.report import UserError, run_and_report
 from cakd.train.optim import ExponentialMovingAverage
-from cakd.train.tools import add_shared_flags, check_output, load_student, pick, student_arch
+from cakd.train.scriptkit import add_shared_flags, check_output, load_student, pick, student_arch
 
 
 def get_args_parser():

@@ -28,7 +28,7 @@ from cakd.train.config import HelpFormatter
 from cakd.train.report import UserError, run_and_report
 from cakd.train.figures import pyplot, save
 from cakd.train.published import PAPER, figure3, figure3_column, published
-from cakd.train.tools import DEFAULTS
+from cakd.train.scriptkit import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 

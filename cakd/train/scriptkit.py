@@ -1,7 +1,7 @@
-"""What the scripts around a run share (``scripts/*.py``): their common flags, declared once;
+"""The scripts' kit: what the scripts around a run share (``scripts/*.py``): their common flags, declared once;
 "whatever the user points at" (:class:`checkpoints.SourceCheckpoint`) as a student, its EMA, its
 projectors or its teacher; the validation folder with the recipe's eval preset. Each script's
-``main`` is ``run_and_report(run, parser.parse_args(argv))`` (:func:`errors.run_and_report`).
+``main`` is ``run_and_report(run, parser.parse_args(argv))`` (:func:`report.run_and_report`).
 """
 import os
 
