@@ -54,6 +54,12 @@ class AttentionProjector(nn.Module):
         attn_vv = head_mean_scores(v, v, self.num_heads, self.scale)
         return attn_qk, attn_vv
 
+    def outputs(self, feature_map, tokens, teacher=None) -> dict:
+        """What this projector adds to the student's outputs: ``attn_qk``, ``attn_vv`` from the
+        tapped stage's ``tokens`` (``feature_map`` and ``teacher`` are not read)."""
+        attn_qk, attn_vv = self(tokens)
+        return {"attn_qk": attn_qk, "attn_vv": attn_vv}
+
 
 def partial_cross(student: torch.Tensor, teacher: torch.Tensor, prob: float) -> torch.Tensor:
     """Eq. 3: each element takes the teacher's value with probability ``prob``, else keeps the student's.
@@ -87,6 +93,11 @@ class PartialCrossAttentionProjector(nn.Module):
         self.swap_prob = swap_prob
         self.score_map = score_map
         self.to_qkv = nn.Conv2d(in_channels, 3 * num_heads * head_dim, kernel_size=3, padding=1)
+
+    def outputs(self, feature_map, tokens, teacher=None) -> dict:
+        """What this projector adds to the student's outputs: its dict, from the tapped stage's
+        ``feature_map`` and the teacher's q, k, v (``tokens`` is not read)."""
+        return self(feature_map, teacher)
 
     def forward(self, feature_map, teacher=None):
         q, k, v = self.to_qkv(feature_map).flatten(2).transpose(1, 2).chunk(3, dim=-1)

@@ -22,7 +22,6 @@ from torch.nn import functional as F
 
 from ..weights import load_reference_state_dict
 from ..students import head_name, num_classes_of
-from ..projectors import PartialCrossAttentionProjector
 from ..taps import StudentTaps, profiled
 from ..teachers.registry import teacher_taps
 
@@ -153,10 +152,8 @@ class StudentWithProjectors(nn.Module):
         out = {}
         tokens = feature.flatten(2).transpose(1, 2)
         with profiled("cakd.attention_projector"):
-            if isinstance(self.pca_proj, PartialCrossAttentionProjector):
-                out.update(self.pca_proj(feature, teacher))
-            elif self.pca_proj is not None:
-                out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
+            if self.pca_proj is not None:
+                out.update(self.pca_proj.outputs(feature, tokens, teacher))  # each projector says what it reads
         out["student_tokens"] = tokens  # h_S, before the group-wise projector
         with profiled("cakd.groupwise_projector"):
             out["patch_tokens"] = self.gl_proj(tokens)
