@@ -1,6 +1,6 @@
 """The trainer behind ``python -m cakd.train`` / ``cakd-train``: the released recipes with torchrun, resumable.
 
-Thin: it builds a :class:`Run` from the flags, then alternates training, evaluation and
+It builds a :class:`Run` from the flags, then alternates training, evaluation and
 checkpoints. Bad input ends with one line on stderr and exit status 1.
 """
 import dataclasses
