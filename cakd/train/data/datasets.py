@@ -1,26 +1,21 @@
-"""Datasets, presets, samplers and loaders: torchvision's classification reference recipe
-(``references/classification``), written with ``torchvision.transforms.v2``.
+"""Datasets on disk: an ImageFolder with clear errors and a cached listing, torchvision's
+CIFAR-100, and synthetic images, each through the recipe's presets (:mod:`.presets`).
 
 Nothing here prints; the caller logs.
 """
 import json
-import math
 import os
 
-import torch
 import torch.distributed as dist
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
-from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import InterpolationMode
 
-from ..weights import write_text_atomic
-from ..errors import CakdError
-from ..students import IMAGENET_MEAN, IMAGENET_STD
-from .seeds import SeededCollate, SeededDataset, SeededSampler
-from .signals import worker_init
+from ...errors import CakdError
+from ...weights import write_text_atomic
+from ..distributed import get_rank, get_world_size, is_dist, is_main_process
+from .presets import ClassificationPresetEval, ClassificationPresetTrain
 
 _LAYOUT = "ImageNet-style layout is DATA/train/<class>/*.JPEG and DATA/val/<class>/*.JPEG"
 
@@ -29,7 +24,8 @@ class DataError(CakdError):
     """A problem with the data on disk, told in one line: what is wrong and what to do.
 
     A DataLoader worker's error comes back to the main process as
-    ``DataError("Caught DataError in DataLoader worker ...<traceback>...cakd.train.data.DataError: <line>")``;
+    ``DataError("Caught DataError in DataLoader worker ...<traceback>...
+    cakd.train.data.datasets.DataError: <line>")``;
     the module-qualified prefix is taken off that last line so it reads as the one clear line.
     """
 
@@ -43,92 +39,6 @@ class DataError(CakdError):
         super().__init__(message)
 
 
-# ----------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------
-class ClassificationPresetTrain:
-    """Training transform of the reference recipe: PIL image in, normalized (3, crop, crop) float out.
-
-    ``padded_crop`` (small images such as CIFAR's 32x32): a random crop of that size after 4
-    pixels of zero padding, then a resize to ``crop_size``, instead of the random resized crop.
-    """
-
-    def __init__(
-        self,
-        crop_size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation=InterpolationMode.BILINEAR,
-        hflip_prob=0.5,
-        auto_augment_policy=None,
-        ra_magnitude=9,
-        augmix_severity=3,
-        random_erase_prob=0.0,
-        padded_crop=None,
-    ):
-        if padded_crop:
-            transforms = [v2.RandomCrop(padded_crop, padding=4), v2.Resize(crop_size, interpolation=interpolation, antialias=True)]
-        else:
-            transforms = [v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
-        if hflip_prob > 0:
-            transforms.append(v2.RandomHorizontalFlip(hflip_prob))
-        if auto_augment_policy is not None:
-            if auto_augment_policy == "ra":
-                transforms.append(v2.RandAugment(interpolation=interpolation, magnitude=ra_magnitude))
-            elif auto_augment_policy == "ta_wide":
-                transforms.append(v2.TrivialAugmentWide(interpolation=interpolation))
-            elif auto_augment_policy == "augmix":
-                transforms.append(v2.AugMix(interpolation=interpolation, severity=augmix_severity))
-            else:
-                policy = v2.AutoAugmentPolicy(auto_augment_policy)
-                transforms.append(v2.AutoAugment(policy=policy, interpolation=interpolation))
-        transforms += [
-            v2.PILToTensor(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=mean, std=std),
-        ]
-        if random_erase_prob > 0:
-            transforms.append(v2.RandomErasing(p=random_erase_prob))
-        self.transforms = v2.Compose(transforms)
-
-    def __call__(self, img):
-        return self.transforms(img)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.transforms})"
-
-
-class ClassificationPresetEval:
-    """Evaluation transform: resize the short side, center crop, normalize."""
-
-    def __init__(
-        self,
-        crop_size,
-        resize_size=256,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        interpolation=InterpolationMode.BILINEAR,
-    ):
-        self.transforms = v2.Compose(
-            [
-                v2.Resize(resize_size, interpolation=interpolation, antialias=True),
-                v2.CenterCrop(crop_size),
-                v2.PILToTensor(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean=mean, std=std),
-            ]
-        )
-
-    def __call__(self, img):
-        return self.transforms(img)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.transforms})"
-
-
-# ----------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------
 def _unreadable(path, error):
     detail = " ".join(str(error).split())
     return DataError(f"cannot read image {path} ({type(error).__name__}: {detail}): remove or replace the file")
@@ -147,9 +57,7 @@ def check_images(dataset):
     """Open (read the header of, not decode) each image of this rank's validation shard, so that a
     file that is no image stops the run before the first epoch, not after it (its training unsaved).
     A file cut short inside its pixels still passes: only a full decode finds that."""
-    initialized = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
-    for path, _ in getattr(dataset, "samples", [])[rank::world_size]:  # ShardSampler's share
+    for path, _ in getattr(dataset, "samples", [])[get_rank()::get_world_size()]:  # ShardSampler's share
         try:
             with Image.open(path):
                 pass
@@ -309,7 +217,7 @@ def _image_folder(split_dir, transform, cache_dir=None):
         except (KeyError, TypeError, ValueError):  # not what this function writes: list the folder again
             pass
     dataset = ImageFolder(split_dir, transform=transform)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_process():
         samples = [[os.path.relpath(p, split_dir), label] for p, label in dataset.samples]
         entries[key] = {"fingerprint": fingerprint, "classes": dataset.classes, "samples": samples}
         write_text_atomic(path, json.dumps(entries))
@@ -322,11 +230,11 @@ def _cifar100(root, download, train_transform, val_transform):
     where = f"{root}/cifar-100-python/ (train, test, meta)"
     if download:
         try:
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if is_main_process():
                 torchvision.datasets.CIFAR100(root, train=True, download=True)
         except OSError as error:  # URLError, no space, no permission
             raise DataError(f"could not download CIFAR-100 into {root} ({type(error).__name__}: {error}): put {where} there by hand") from None
-        if dist.is_initialized():
+        if is_dist():
             dist.barrier()
     try:
         train = torchvision.datasets.CIFAR100(root, train=True, transform=train_transform)
@@ -393,147 +301,3 @@ def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224
             "drop --num-classes (it is read from the folders) or fix the data"
         )
     return train, val, len(train.classes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Samplers and loaders
-# ----------------------------------------------------------------------------------------------
-class RASampler(torch.utils.data.Sampler):
-    """Repeated-augmentation sampler (DeiT; torchvision's classification reference).
-
-    Each index of an epoch's permutation (seeded with ``seed + epoch``) is repeated
-    ``repetitions`` times and the list is dealt out over ``num_replicas`` ranks, so the copies
-    of an image land on different ranks (or next to each other on one rank) and are augmented
-    differently. Each rank has ``num_samples = ceil(len(dataset) * repetitions / num_replicas)``
-    of them but, as in the reference, yields only the first
-    ``num_selected_samples = floor(len(dataset) // 256 * 256 / num_replicas)``: an epoch stays
-    about ``len(dataset)`` images long. Fallback (not in the reference): a dataset under 256
-    images would give 0, so it yields ``ceil(len(dataset) / num_replicas)`` instead and tiny
-    smoke runs still train.
-    """
-
-    def __init__(self, dataset, num_replicas=None, rank=None, shuffle=True, seed=0, repetitions=3):
-        initialized = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if initialized else 1
-        if rank is None:
-            rank = dist.get_rank() if initialized else 0
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        if repetitions < 1:
-            raise ValueError(f"repetitions must be at least 1, got {repetitions}")
-        self.dataset = dataset
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.repetitions = repetitions
-        self.epoch = 0
-        self.num_samples = int(math.ceil(len(dataset) * repetitions / num_replicas))
-        self.total_size = self.num_samples * num_replicas
-        self.num_selected_samples = int(math.floor(len(dataset) // 256 * 256 / num_replicas))
-        if self.num_selected_samples == 0:
-            self.num_selected_samples = int(math.ceil(len(dataset) / num_replicas))
-
-    def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.dataset), generator=g)
-        else:
-            order = torch.arange(len(self.dataset))
-        indices = order.repeat_interleave(self.repetitions).tolist()
-        indices += indices[: self.total_size - len(indices)]  # pad so every rank gets num_samples
-        indices = indices[self.rank : self.total_size : self.num_replicas]
-        return iter(indices[: self.num_selected_samples])
-
-    def __len__(self):
-        return self.num_selected_samples
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Validation indices ``rank::world_size``, in order and without padding: each image is
-    counted exactly once across ranks (DistributedSampler would repeat some to even out)."""
-
-    def __init__(self, dataset, num_replicas=None, rank=None):
-        initialized = dist.is_available() and dist.is_initialized()
-        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if initialized else 1)
-        self.rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
-        self.length = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self):
-        return len(range(self.rank, self.length, self.num_replicas))
-
-
-class MixupCutmixCollate:
-    """``default_collate`` then MixUp or CutMix (one picked at random per batch): targets become
-    soft (B, num_classes) floats. A class, not a lambda, so spawn-started workers can pickle it."""
-
-    def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
-        choices = []
-        if mixup_alpha > 0:
-            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-        if cutmix_alpha > 0:
-            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-        if not choices:
-            raise ValueError("MixupCutmixCollate needs mixup_alpha > 0 or cutmix_alpha > 0")
-        self.transform = v2.RandomChoice(choices)
-
-    def __call__(self, batch):
-        return self.transform(*default_collate(batch))
-
-
-def build_loaders(train_dataset, val_dataset, num_classes, *, batch_size, workers=0, seed=0, distributed=False,
-                  ra_sampler=False, ra_reps=3, mixup_alpha=0.0, cutmix_alpha=0.0):
-    """Return ``(train_loader, val_loader, train_sampler)``: ``batch_size`` images per process,
-    ``workers`` loader processes each, the repeated-augmentation sampler (``ra_reps`` copies of an
-    image) with ``ra_sampler``, MixUp/CutMix with either alpha above 0.
-
-    Every train sampler has ``set_epoch`` and an order that is a pure function of
-    ``(seed, epoch)`` (a one-replica DistributedSampler when not distributed), so a
-    resumed run sees the same epochs. The train loader draws each sample's augmentation and
-    each batch's MixUp/CutMix from seeds of (seed, epoch, rank, position) (``seeds.py``): its
-    ``sampler`` is the :class:`SeededSampler` around ``train_sampler`` (``set_epoch`` it, and its
-    ``start`` resumes mid-epoch). Loader workers outlive a SIGTERM (``signals.worker_init``).
-    """
-    if ra_sampler:
-        train_sampler = RASampler(train_dataset, shuffle=True, seed=seed, repetitions=ra_reps)
-    elif distributed:
-        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=seed)
-    else:
-        train_sampler = DistributedSampler(train_dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    val_sampler = ShardSampler(val_dataset) if distributed else SequentialSampler(val_dataset)
-
-    collate_fn = None
-    if mixup_alpha > 0 or cutmix_alpha > 0:
-        collate_fn = MixupCutmixCollate(num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
-
-    pin_memory = torch.cuda.is_available()
-    rank = getattr(train_sampler, "rank", 0)
-    train_loader = DataLoader(
-        SeededDataset(train_dataset),
-        batch_size=batch_size,
-        sampler=SeededSampler(train_sampler, seed=seed, rank=rank),
-        num_workers=workers,
-        pin_memory=pin_memory,
-        collate_fn=SeededCollate(collate_fn),
-        drop_last=False,
-        persistent_workers=False,
-        worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(seed),  # worker seeds: not from the trainer's RNG
-    )
-    val_loader = DataLoader(
-        val_dataset,
-        batch_size=batch_size,
-        sampler=val_sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        worker_init_fn=worker_init,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    return train_loader, val_loader, train_sampler
