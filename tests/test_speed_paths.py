@@ -250,7 +250,7 @@ def test_zero_lambda_step_is_the_plain_step(setup):
 def test_profile_matches_backward_to_its_range():
     """``part_times`` counts the backward of the ops run inside a range (the Linear's) in that
     range, and not the backward of ops run outside it (the loss's)."""
-    from benchmark import part_times
+    from bench.profiling import part_times
     from torch.profiler import profile, record_function
 
     layer = torch.nn.Linear(256, 256)
