@@ -59,6 +59,7 @@ def family_of(model_or_name):
 
 
 def teacher_family(name: str) -> TeacherFamily:
+    """The family registered under ``name``; a ValueError listing the registered names for any other."""
     family = REGISTRY.get(name)
     if family is None:
         raise ValueError(f"unknown teacher {name!r}: choose one of {', '.join(REGISTRY)}")
