@@ -10,6 +10,7 @@ arithmetic) records each stage's output shape, and the last stage whose grid is 
 from dataclasses import dataclass
 
 import torch
+import torchvision
 from torch import nn
 from torch.func import functional_call
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -30,6 +31,8 @@ CNN_STUDENTS = (
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
+    "resnext26",
+    "inception_v3",
     "mobilenet_v2",
     "mobilenet_v3_large",
     *(f"efficientnet_b{i}" for i in range(8)),
@@ -63,7 +66,31 @@ def resnet50x2(num_classes: int = 1000) -> ResNet:
     return model
 
 
-STUDENT_BUILDERS = {"resnet50x2": resnet50x2}  # the students torchvision has no builder for
+def resnext26(num_classes: int = 1000) -> ResNet:
+    """ResNeXt-26 32x4d, the CAKD paper's anti-spoofing student (Table 4; its width is not
+    given, 32x4d is ours): torchvision's ResNet with two bottlenecks a stage, 32 groups of width 4."""
+    return ResNet(Bottleneck, [2, 2, 2, 2], num_classes=num_classes, groups=32, width_per_group=4)
+
+
+def inception_v3(num_classes: int = 1000) -> nn.Module:
+    """torchvision's Inception-v3 without its auxiliary classifier (ours: the paper says nothing
+    of it, and with it the training forward returns two outputs that no recipe reads), with
+    torchvision's truncated-normal initialisation asked for (no warning). Inputs: 75x75 or more."""
+    return torchvision.models.inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=True)
+
+
+# the students torchvision has no builder for, or whose builder needs other arguments
+STUDENT_BUILDERS = {"resnet50x2": resnet50x2, "resnext26": resnext26, "inception_v3": inception_v3}
+MIN_IMAGE_SIZE = {"inception_v3": 75}  # smaller inputs leave no pixel after its stride-2 stages
+# students none of whose stages lands on a ViT/16 or Swin token grid (Inception-v3: 25, 12 and 5 at
+# 224): the projectors read the stage nearest the grid, resized to it (docs/FIDELITY.md)
+RESIZED_TO_GRID = (torchvision.models.Inception3,)
+
+
+def check_student_input(name: str, image_size: int):
+    """Refuse, in words, an input size the student cannot take (Inception-v3 below 75 pixels)."""
+    if image_size < MIN_IMAGE_SIZE.get(name, 0):
+        raise ValueError(f"{name} needs images of at least {MIN_IMAGE_SIZE[name]}x{MIN_IMAGE_SIZE[name]}, not {image_size}: raise the crop size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,19 +132,27 @@ def feature_stages(model: nn.Module):
 class StudentLayout:
     """What a forward pass at ``image_size`` shows of a student: ``stages`` as
     ``(name, channels, height, width)`` in execution order (stages with a 4-d output only),
-    the classifier ``head`` and the width ``pooled_dim`` of its input."""
+    the classifier ``head`` and the width ``pooled_dim`` of its input. ``resized``: a student
+    of :data:`RESIZED_TO_GRID`, whose stage nearest a grid stands in for it."""
 
     model: str
     image_size: int
     stages: list
     head: str
     pooled_dim: int
+    resized: bool = False
 
     def stage_for(self, grid: int):
-        """``(name, channels)`` of the last stage whose output grid is ``grid`` x ``grid``."""
+        """``(name, channels)`` of the last stage whose output grid is ``grid`` x ``grid``; for a
+        ``resized`` student, of the last stage whose grid is nearest to it (a tie: the larger
+        grid), which its reader resizes to ``grid``."""
         found = [(name, channels) for name, channels, height, width in self.stages if (height, width) == (grid, grid)]
         if found:
             return found[-1]
+        squares = [(abs(height - grid), -height, -i, name, channels)
+                   for i, (name, channels, height, width) in enumerate(self.stages) if height == width and height > 1]
+        if self.resized and squares:
+            return min(squares)[3:]
         offered = {}
         for name, _, height, width in self.stages:
             if height > 1:
@@ -149,4 +184,4 @@ def student_layout(student: nn.Module, image_size: int, name=None) -> StudentLay
         for hook in hooks:
             hook.remove()
     stages = [(name, shape[1], shape[2], shape[3]) for name, shape in shapes if len(shape) == 4]
-    return StudentLayout(name or type(student).__name__, image_size, stages, head, pooled[0])
+    return StudentLayout(name or type(student).__name__, image_size, stages, head, pooled[0], isinstance(student, RESIZED_TO_GRID))

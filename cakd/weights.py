@@ -97,11 +97,11 @@ def export_student(model):
 
 
 @contextlib.contextmanager
-def _replacing(path, suffix, mode):
-    """A file object on a temporary file in ``path``'s folder that replaces ``path`` once written
-    whole and synced; removed if anything fails before (a crash leaves a ``.tmp-*`` file, which
-    the trainer removes from its run folder at the next start). The file gets the mode a plain
-    ``open`` would give it (the user's umask), not the temporary file's private 0600."""
+def _staging(path, suffix, mode):
+    """``(file object, name)`` of a temporary file in ``path``'s folder, synced when the block
+    ends; removed if anything fails before (a crash leaves a ``.tmp-*`` file, which the trainer
+    removes from its run folder at the next start). The file gets the mode a plain ``open``
+    would give it (the user's umask), not the temporary file's private 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
@@ -110,27 +110,50 @@ def _replacing(path, suffix, mode):
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
-            yield f
+            yield f, tmp
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
 
 
+@contextlib.contextmanager
+def _replacing(path, suffix, mode):
+    """A file object (:func:`_staging`) that replaces ``path`` once written whole and synced."""
+    with _staging(path, suffix, mode) as (f, tmp):
+        yield f
+    os.replace(tmp, path)
+
+
+def stage_text(path, text):
+    """``text`` written whole and synced to a temporary file beside ``path``; returns its name:
+    ``os.replace`` it over ``path`` to publish it (a rename needs no space), or remove it."""
+    with _staging(path, ".txt", "w") as (f, tmp):
+        f.write(text)
+    return tmp
+
+
 def write_text_atomic(path, text):
     """Write ``text`` to ``path`` atomically: readers see the old file or the new one, never a part."""
-    with _replacing(path, ".txt", "w") as f:
-        f.write(text)
+    os.replace(stage_text(path, text), path)
 
 
 def save_atomic(obj, path):
     """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint behind."""
+    never leaves a truncated checkpoint behind. A write that fails inside torch's writer (which
+    reports it as ``[enforce fail at inline_container.cc ...] unexpected pos``) is an OSError
+    that says how much room the disk has left."""
     with _replacing(path, ".pth", "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as error:
+            if "inline_container" not in str(error):
+                raise
+            folder = os.statvfs(os.path.dirname(os.path.abspath(path)))
+            free = folder.f_bavail * folder.f_frsize / 2**20
+            raise OSError(f"the write stopped part-way, {free:.0f} MiB free on that disk (a full disk?)") from None
 
 
 def load_error(error):

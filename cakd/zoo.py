@@ -12,7 +12,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .students import CNN_STUDENTS, STUDENT_BUILDERS, classifier_key, student_layout
+from .students import CNN_STUDENTS, STUDENT_BUILDERS, check_student_input, classifier_key, student_layout
 # importing cakd.teachers.registry imports the package cakd.teachers first, which registers the built-in families
 from .teachers.registry import TEACHERS, check_teacher_input, family_of, teacher_family, token_grid
 from .weights import load_error, load_torchvision_weights
@@ -51,6 +51,7 @@ def build_student(name: str, num_classes: int = 1000, weights=None, image_size: 
     """
     if name not in student_names():
         raise ValueError(f"unknown student {name!r}: choose one of {', '.join(student_names())}")
+    check_student_input(name, image_size)
     model = architecture(name, num_classes, image_size)
     if not no_weights(weights):
         state = load_state_dict(name, weights, role="student")
@@ -152,5 +153,6 @@ def check_pair(student: str, teacher: str, image_size: int):
     """Raise the distiller's error for a pair of model names whose grids cannot meet, before
     anything is built or downloaded (both are looked at on the meta device)."""
     grid = token_grid(check_teacher_input(teacher, image_size), image_size, teacher)
+    check_student_input(student, image_size)
     with torch.device("meta"):
         student_layout(architecture(student), image_size, student).stage_for(grid)

@@ -1,6 +1,6 @@
 """A markdown table of run directories' top-1/top-5 next to the published numbers of the same
 dataset, recipe, student and teacher (the released code's README, the paper's Tables 1-3 and
-Figure 3(a)'s ablation columns), and
+Figure 3(a)'s ablation columns), a table of CelebA-Spoof runs' EER beside Table 4's, and
 optionally a PNG of top-1 per epoch.
 
     python scripts/summarize.py runs/baseline runs/logits runs/cakd [--plot top1.png]
@@ -18,7 +18,6 @@ mean ± sample standard deviation of each number over the runs, and their count 
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
@@ -27,10 +26,12 @@ import yaml
 from cakd.train.config import HelpFormatter
 from cakd.train.report import UserError, run_and_report
 from cakd.train.figures import pyplot, save
-from cakd.train.published import PAPER, figure3, figure3_column, published
+from cakd.train.metrics_file import read_metrics
+from cakd.train.published import PAPER, figure3, figure3_column, published, published_eer
 from cakd.train.scriptkit import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
+SPOOF_METRICS = ("eer", "auc", "acer", "ema_eer")  # --dataset celeba_spoof runs (Table 4, anti-spoofing)
 
 
 def get_args_parser():
@@ -49,17 +50,14 @@ def get_args_parser():
 # Reading runs
 # ----------------------------------------------------------------------------------------------
 def read_metrics_file(path):
+    """``{epoch: {metric: value}}`` from a run's ``metrics.jsonl`` (:func:`read_metrics`)."""
     by_epoch = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {number} is not JSON: a cut-off write? remove that line") from None
-            if "epoch" in record:
-                by_epoch[int(record["epoch"])] = {k: float(record[k]) for k in METRICS if record.get(k) is not None}
+    for record in read_metrics(path):
+        values = {k: record[k] for k in METRICS + SPOOF_METRICS if record.get(k) is not None}
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UserError(f"{path}: epoch {record['epoch']}'s {key} is {value!r}, not a number: fix or remove that line")
+        by_epoch[record["epoch"]] = {k: float(v) for k, v in values.items()}
     return by_epoch
 
 
@@ -71,7 +69,7 @@ def read_tensorboard(folder):
         accumulator = EventAccumulator(events, size_guidance={"scalars": 0})  # 0: keep every value
         accumulator.Reload()
         tags = set(accumulator.Tags()["scalars"])
-        for name in METRICS:
+        for name in METRICS + SPOOF_METRICS:
             if "val/" + name in tags:
                 for event in accumulator.Scalars("val/" + name):
                     by_epoch.setdefault(event.step, {})[name] = float(event.value)
@@ -99,6 +97,8 @@ def read_run(run_dir):
                 config = yaml.safe_load(f) or {}
             except yaml.YAMLError as error:
                 raise UserError(f"{config_path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path} holds a YAML {type(config).__name__}, not the mapping of flags a run writes")
     return {
         "name": run_dir.rstrip("/"),
         "config": config,
@@ -209,6 +209,30 @@ def table(runs):
     return "\n".join(lines)
 
 
+def spoof_table(runs):
+    """Table 4's anti-spoofing rows: each CelebA-Spoof run's EER (best: the lowest; and final),
+    its final AUC and ACER, and the paper's EER of its cell beside them."""
+    header = ["run", "recipe", "student <- teacher", "epochs", "EER % best / final", "AUC final", "ACER % final",
+              "EMA EER % best / final", "paper EER % (Table 4)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 5) + "|"]
+    for run in runs:
+        pair = run["model"] if run["recipe"] == "baseline" else f"{run['model']} <- {run['teacher']}"
+        epochs = f"{len(run['by_epoch'])}/{run['epochs']}" if run["epochs"] else str(len(run["by_epoch"]))
+        cells = [run["name"], run["recipe"] or "?", pair, epochs]
+        for metric in ("eer", "auc", "acer", "ema_eer"):
+            values = [record[metric] for record in run["by_epoch"].values() if metric in record]
+            if not values:
+                cells.append("–")
+            elif metric in ("eer", "ema_eer"):
+                cells.append(f"{number(min(values))} / {number(values[-1])}")
+            else:
+                cells.append(f"{values[-1]:.4f}" if metric == "auc" else number(values[-1]))
+        paper = published_eer(run["recipe"], run["model"], run["teacher"])
+        cells.append(f"{paper[1]:.1f}, {paper[0]}" if paper else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------
 # The plot
 # ----------------------------------------------------------------------------------------------
@@ -261,6 +285,9 @@ def parse_size(text):
 def run(args):
     size = parse_size(args.plot_size) if args.plot else None
     runs = [read_run(run_dir) for run_dir in args.runs]
+    spoof = [r for r in runs if r["dataset"] == "celeba_spoof"]
+    if spoof:
+        print("Table 4, face anti-spoofing on CelebA-Spoof (EER %, lower is better):\n" + spoof_table(spoof) + "\n")
     print(table(runs))
     print("\npublished: the released code's README (ImageNet val, the released recipes) and the paper's Tables 1-3, "
           "for the run's dataset, recipe, student and teacher (a run of another length is not comparable; "

@@ -116,11 +116,13 @@ class StudentWithProjectors(nn.Module):
     ``attn_qk``/``attn_vv`` (released attention projector) or ``attn_out``/``value_maps``
     (paper's, which also reads the teacher's q, k, v from ``teacher``), ``student_tokens`` (the
     tapped stage's own tokens h_S), ``patch_tokens`` (h'_S) and ``cls_token``. Projectors that
-    are None are skipped.
+    are None are skipped. ``grid``: the teacher's token grid, to which a tapped map of another
+    size (a student of ``students.RESIZED_TO_GRID``) is resized, bilinearly, before the projectors.
     """
 
-    def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None):
+    def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None, grid=None):
         super().__init__()
+        self.grid = grid
         self.student = student
         self.pca_proj = pca_proj
         self.gl_proj = gl_proj
@@ -140,6 +142,8 @@ class StudentWithProjectors(nn.Module):
         out = {"logits": self.student(images)}
         if self.taps is not None:
             feature, pooled = self.taps.pop_map()
+            if self.grid is not None and feature.shape[-2:] != (self.grid, self.grid):
+                feature = F.interpolate(feature, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             if projector_grad:
                 out.update(self.project(feature, pooled, teacher))
             else:

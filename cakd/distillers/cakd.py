@@ -158,6 +158,7 @@ class CAKDDistiller(Distiller):
             pca_proj=pca_proj,
             gl_proj=GroupwiseLinearProjector(taps.grid, channels, width, config.gl_window, config.gl_batched, config.gl_dropout),
             cls_proj=nn.Linear(layout.pooled_dim, width) if config.use_token else None,
+            grid=taps.grid,
         )
         discriminator = None
         if config.use_adv:

@@ -5,7 +5,7 @@ CNN student and a ViT or Swin teacher play them is ours (docs/FIDELITY.md, "The 
 from dataclasses import dataclass
 
 import torch
-from torchvision.models import SwinTransformer, VisionTransformer
+from torchvision.models import Inception3, SwinTransformer, VisionTransformer
 
 from ..losses import irg_loss
 from ..students import student_layout
@@ -58,9 +58,11 @@ def auto_teacher_layers(teacher):
 
 
 def auto_student_transform(student):
+    if isinstance(student, Inception3):  # its last two blocks, both 2048 wide
+        return ["Mixed_7b", "Mixed_7c"]
     if not hasattr(student, "layer4"):
         raise ValueError(
-            f"irg_student_transform auto knows ResNet students (layer4.0,layer4); for {type(student).__name__} "
+            f"irg_student_transform auto knows ResNet (layer4.0,layer4) and Inception-v3 (Mixed_7b,Mixed_7c) students; for {type(student).__name__} "
             "name two layers of one width, FROM,TO, or give none"
         )
     return ["layer4.0", "layer4"]

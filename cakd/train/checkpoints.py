@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import textwrap
+import zipfile
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ PARTS = ("model", "projectors", "discriminator", "optimizer", "lr_scheduler", "d
 # end), the run's flags as a dict, and every process's RNG states (:func:`capture_rng_state`).
 POSITION = ("epoch", "step", "args", "rng")
 KEYS = PARTS + POSITION
+# Only in a checkpoint saved at an epoch's end whose evaluation a stop cut short: that epoch's
+# training averages; a resume evaluates the epoch first and writes its metrics.jsonl line.
+UNEVALUATED = "unevaluated"
 REQUIRED = ("model", "optimizer", "lr_scheduler", "epoch", "args")  # in every checkpoint the trainer ever wrote
 LEARNED = ("model", "projectors", "discriminator", "optimizer", "disc_optimizer", "model_ema")  # what a step changes
 
@@ -137,6 +141,8 @@ def _load(path, flag=None, mmap=False):
     one :class:`CheckpointError` if it cannot be read (``flag``: the option that named it)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path" + (f" given to {flag}" if flag else ""))
+    if mmap and not zipfile.is_zipfile(path):  # torch maps only its zip format; a raw pickle is read whole
+        mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # truncated zip, pickle garbage, wrong format, a crafted pickle
@@ -164,7 +170,7 @@ def finished(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError):
         return False
-    return next_position(checkpoint)[0] >= checkpoint["args"]["epochs"]
+    return next_position(checkpoint)[0] >= checkpoint["args"]["epochs"] and checkpoint.get(UNEVALUATED) is None
 
 
 class SourceCheckpoint:

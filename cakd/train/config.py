@@ -180,8 +180,9 @@ def get_args_parser(add_help=True):
     g.add_argument(
         "--dataset",
         default="imagefolder",
-        choices=["imagefolder", "cifar100", "synthetic"],
-        help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images",
+        choices=["imagefolder", "cifar100", "synthetic", "celeba_spoof"],
+        help="imagefolder: DATA/{train,val}/<class>/; cifar100: torchvision's CIFAR100 in DATA; synthetic: random images; "
+        "celeba_spoof: CelebA-Spoof (DATA/Data/, DATA/metas/intra_test/), live vs spoof faces, also scored by EER",
     )
     g.add_argument("--download", default=False, action=Switch, help="cifar100: fetch the dataset into --data-path first (once)")
     g.add_argument("--synthetic-size", default=1024, type=int, help="training images of --dataset synthetic")
@@ -254,8 +255,8 @@ def get_args_parser(add_help=True):
         "--max-loss-growth",
         default=1000.0,
         type=float,
-        help="refuse to save a checkpoint when the training loss at the end of an epoch is this many times its first "
-        "value of the epoch (0: no check)",
+        help="refuse to save a checkpoint when an epoch's mean training loss is this many times the run's loss scale: the "
+        "largest of ln(classes), the first step's loss and every earlier epoch's mean (0: no check)",
     )
     g.add_argument(
         "--resume", default="", type=str, help="path of checkpoint, or auto: OUTPUT_DIR/checkpoint.pth if there is one, else a fresh start"

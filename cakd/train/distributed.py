@@ -102,6 +102,15 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+def smallest(value: int, device) -> int:
+    """The smallest of ``value`` over the ranks (itself in one process)."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def average_gradients(parameters):
     """Average the gradients of parameters that are not under DDP (the discriminator),
     as one flat all-reduce."""

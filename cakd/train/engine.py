@@ -15,13 +15,33 @@ from torch import nn
 from ..corruptions import VIEW_PROTOCOLS
 from ..errors import CakdError
 from .data import ShardSampler
-from .distributed import all_reduce_sum, any_rank, average_gradients
+from .distributed import any_rank, average_gradients, smallest
 from .logging import Accuracy, MetricLogger, TensorMeter, print_main, topk_correct
-from .signals import sigterm_held
+from .signals import StopCheck, sigterm_held
 
 
 class TrainingError(CakdError):
     """A run that cannot go on (a non-finite loss); the message says what to do."""
+
+
+class EvaluationStopped(Exception):
+    """A stop request agreed during an evaluation pass: the trainer saves the epoch unevaluated."""
+
+
+def evaluation_stop(loader, stop, device):
+    """``(i) -> None`` for an evaluation pass: raises :class:`EvaluationStopped` after batch ``i``
+    when the ranks agree on ``stop`` (:class:`signals.StopCheck`; None: never). Asked only before
+    the last batch of the shortest rank's share (ShardSampler's shares differ by a batch at
+    most), so every rank takes part in the same agreements."""
+    if stop is None:
+        return lambda i: None
+    shortest, check = smallest(len(loader), device), StopCheck(stop, device)
+
+    def after(i):
+        if i < shortest - 1 and check():
+            raise EvaluationStopped(f"stopped after batch {i + 1} of {len(loader)}")
+
+    return after
 
 
 def autocast(amp_dtype, device_type):
@@ -112,10 +132,11 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     the training scalars every ``print_freq`` iterations; ``stop``: a :class:`signals.StopRequest`;
     ``checkpoint_kept``: what a run that stops now leaves, in words, for the non-finite error.
 
-    Returns ``(next_step, averages, loss_growth)``: the next step to run if a stop was requested
-    (else None), the epoch's loss and accuracy averages over all ranks, and :func:`loss_growth`.
-    Loss values are read back from the device only every ``print_freq`` iterations; a stop
-    requested in the last one lets the epoch end (the trainer saves it and stops there).
+    Returns ``(next_step, averages, mean_loss)``: the next step to run if a stop was requested
+    (else None), the epoch's loss and accuracy averages over all ranks, and :func:`mean_loss`. Loss
+    values are read back from the device only every ``print_freq`` iterations; a stop request is
+    agreed by :class:`signals.StopCheck` (within a few seconds of steps), and one in the last
+    step lets the epoch end (the trainer saves it and stops there).
     """
     distiller.train()
     logger = MetricLogger()
@@ -128,7 +149,7 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     if iters_per_epoch:
         total = min(total, iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    first_loss = None  # for loss_growth, which the trainer checks before saving
+    stop_check = StopCheck(stop, device)
     header = f"Epoch: [{epoch}]"
     with sigterm_held():  # the workers start here
         batches = itertools.islice(loader, total - start_step)
@@ -145,8 +166,6 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
                 ema.n_averaged.fill_(0)  # keep copying the weights during warmup
 
         detached = {name: value.detach() for name, value in losses.items()}
-        if first_loss is None:
-            first_loss = detached["total"].float()
         nonfinite |= ~torch.isfinite(detached["total"])
         logger.update(n=images.shape[0], **{f"loss_{k}" if k != "total" else "loss": v for k, v in detached.items()})
         acc1, acc5 = topk_correct(distiller.last_logits, targets) * (100.0 / images.shape[0])
@@ -176,37 +195,40 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
                 scalars["disc_lr"] = disc_optimizer.param_groups[0]["lr"]
             if tensorboard is not None:
                 tensorboard.scalars(scalars, step_count, prefix="train/")
-            if not last and any_rank(stop is not None and stop.requested, device):
-                return i + 1, {}, loss_growth(first_loss, logger.meters["loss"], device)
-    growth = loss_growth(first_loss, logger.meters["loss"], device)
+        if not last and stop_check():
+            return i + 1, {}, mean_loss(logger, device)
     names = [name for name in logger.meters if name.startswith(("loss", "acc"))]
-    return None, logger.global_averages(names, device), growth
+    averages = logger.global_averages(names, device)
+    return None, averages, averages.get("loss", float("nan"))
 
 
-def loss_growth(first, meter, device):
-    """The recent training loss (the last values in ``meter``) over the epoch's first, each
-    averaged over the ranks; nan when there is none, or the first is not positive."""
-    if first is None:
-        return float("nan")
-    first, recent = all_reduce_sum(torch.stack([first.double(), torch.tensor(meter.avg, dtype=torch.float64, device=device)])).tolist()
-    return recent / first if first > 0 else float("nan")
+def mean_loss(logger, device):
+    """The training loss averaged over the steps run so far and over the ranks (nan before any)."""
+    return logger.global_averages(["loss"], device)["loss"]
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:"):
+def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100, header="Test:",
+             stop=None, scores=None):
     """Top-1 / top-5 of ``model`` over the whole loader, exact across ranks; a progress line
-    every ``print_freq`` batches."""
+    every ``print_freq`` batches; ``stop``: a :class:`signals.StopRequest` that ends the pass
+    early (:func:`evaluation_stop`); ``scores`` (a ``spoof_metrics.SpoofScores``): also given
+    each batch's logits and labels."""
     model.eval()
     accuracy = Accuracy(device)
     logger = MetricLogger()
+    stopping = evaluation_stop(loader, stop, device)
     with sigterm_held():
         batches = iter(loader)
-    for _, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
+    for i, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast(amp_dtype, device.type):
             logits = model(images)
         accuracy.update(logits.float(), targets)
+        if scores is not None:
+            scores.update(logits, targets)
+        stopping(i)
     (acc1, acc5), count = accuracy.compute()
     print_main(f"{header} Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({count} images)")
     if math.isnan(acc1):
@@ -216,7 +238,7 @@ def evaluate(model, loader, device, amp_dtype=None, memory_format=torch.contiguo
 
 @torch.no_grad()
 def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=torch.contiguous_format, print_freq=100,
-                   header="Test:", protocol="corruptions"):
+                   header="Test:", protocol="corruptions", stop=None):
     """Top-1 / top-5 on the clean images and on each view of ``protocol`` applied to every
     image, and the views' mean: the noisy evaluation of the paper's Figure 3, C4 and C5.
 
@@ -226,7 +248,8 @@ def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=
     "views_mean_acc5"}``. Image ``i`` of the loader's (ordered) sampler gets the view drawn
     from a generator seeded by ``(seed, name, i)``: the numbers do not depend on the batch
     size or the number of processes, and torch's global generator is left alone. One pass over
-    the loader; each batch goes through the model once clean and once per view.
+    the loader; each batch goes through the model once clean and once per view. ``stop``: as
+    for :func:`evaluate`.
     """
     if not isinstance(loader.sampler, (torch.utils.data.SequentialSampler, ShardSampler)):
         raise ValueError("evaluate_views needs a loader with an ordered sampler (SequentialSampler or ShardSampler)")
@@ -236,9 +259,10 @@ def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=
     accuracy = {name: Accuracy(device) for name in names}
     order = iter(loader.sampler)
     logger = MetricLogger()
+    stopping = evaluation_stop(loader, stop, device)
     with sigterm_held():
         batches = iter(loader)
-    for _, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
+    for i, (images, targets) in logger.log_every(batches, print_freq, header, total=len(loader)):
         indices = list(itertools.islice(order, images.shape[0]))
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -247,6 +271,7 @@ def evaluate_views(model, loader, device, seed=0, amp_dtype=None, memory_format=
             with autocast(amp_dtype, device.type):
                 logits = model(batch.contiguous(memory_format=memory_format))
             accuracy[name].update(logits.float(), targets)
+        stopping(i)
     results = {}
     for name in names:
         (acc1, acc5), count = accuracy[name].compute()

@@ -35,11 +35,14 @@ _VIRIDIS = torch.tensor([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 9
 
 
 def _colour(values):
-    """(H, W) values in 0..1 -> (H, W, 3) uint8, viridis."""
-    position = values.clamp(0, 1) * (len(_VIRIDIS) - 1)
+    """(H, W) values in 0..1 -> (H, W, 3) uint8, viridis; a non-finite value (a diverged
+    model's map, which the checkpoint check then refuses) is grey."""
+    finite = torch.isfinite(values)
+    position = torch.where(finite, values, 0.0).clamp(0, 1) * (len(_VIRIDIS) - 1)
     low = position.floor().long().clamp(max=len(_VIRIDIS) - 2)
     weight = (position - low)[..., None]
-    return (_VIRIDIS[low] * (1 - weight) + _VIRIDIS[low + 1] * weight).round().to(torch.uint8)
+    rgb = (_VIRIDIS[low] * (1 - weight) + _VIRIDIS[low + 1] * weight).round().to(torch.uint8)
+    return rgb.masked_fill(~finite[..., None], 128)
 
 
 def map_grid(teacher_maps, student_maps, cell=128):

@@ -2,8 +2,10 @@
 imported before the flags are built, so they are recipes and teachers like the built-in ones.
 
 MODULE is an importable module name (looked up from the current folder first, as ``python -m``
-does) or the path of a ``.py`` file. The names a run used are saved with its flags, so a resume
-or a script reading its checkpoint imports them again.
+does) or the path of a ``.py`` file. The names a run used are saved with its flags
+(``config.yaml`` and the checkpoint's ``args``); a resume names the same plug-ins, or it is
+refused as any changed flag is. Importing a plug-in runs its code: a ``plugin:`` key of a
+``--config`` YAML does so too, as soon as the file is read (even for ``--help``).
 """
 import importlib
 import importlib.util

@@ -1,5 +1,5 @@
-"""The numbers a run is compared with: the released code's README and the paper's Tables 1-3
-and Figure 3(a).
+"""The numbers a run is compared with: the released code's README, the paper's Tables 1-3 and
+Figure 3(a), and Table 4's anti-spoofing EERs (:func:`published_eer`).
 
 :func:`published` looks a run up by dataset, recipe, student and teacher. Top-1 / top-5 in %;
 the paper's Table 1 (CIFAR-100) gives top-1 only. The CAKD cells (recipe ``cakd``) are the
@@ -89,6 +89,27 @@ for (_student, _teacher), _row in _TABLE1.items():
 for _teacher, _row in zip(_TABLE3_TEACHERS, _TABLE3):
     for _student, (_top1, _top5) in zip(_TABLE3_STUDENTS, _row):
         _add(("imagenet", "cakd", _student, _teacher), _top1, _top5)
+
+
+# Table 4, face anti-spoofing on CelebA-Spoof, EER % (lower is better), one row per student in the
+# columns below; the ResNet152x2 teacher's column has no run here (no CNN teacher is built)
+TABLE4_SPOOF_COLUMNS = ("Baseline", "Logits (T = ResNet152x2)", "Logits (T = ViT-L/16)", "CAKD (T = ViT-L/16)")
+TABLE4_SPOOF = {"resnet18": (1.6, 1.6, 1.6, 1.3), "inception_v3": (1.4, 1.3, 1.4, 1.1), "resnext26": (1.3, 1.3, 1.3, 0.9)}
+
+
+def published_eer(recipe, student, teacher=None):
+    """``(column, EER %)`` of Table 4's anti-spoofing cell of a CelebA-Spoof run, or None: the
+    student alone (recipe baseline), Hinton KD (recipe kd, the paper's "Logits") or CAKD from ViT-L/16."""
+    row = TABLE4_SPOOF.get(student)
+    if row is None:
+        return None
+    if recipe == "baseline":
+        column = 0
+    elif teacher == "vit_l_16" and recipe in ("kd", "cakd"):
+        column = 2 if recipe == "kd" else 3
+    else:
+        return None
+    return TABLE4_SPOOF_COLUMNS[column], row[column]
 
 
 def published(dataset, recipe, student, teacher=None):

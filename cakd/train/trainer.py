@@ -5,7 +5,7 @@ checkpoints. Bad input ends with one line on stderr and exit status 1.
 """
 import dataclasses
 import datetime
-import json
+import math
 import os
 import random
 import signal
@@ -17,21 +17,23 @@ import torch
 from torch.nn import functional as F
 
 from . import distributed as dist_utils
-from ..weights import save_atomic
+from ..weights import save_atomic, stage_text
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
 from ..teachers.registry import check_teacher_input
 from ..zoo import build_student, build_teacher, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
-from .checkpoints import LEARNED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
+from .checkpoints import LEARNED, UNEVALUATED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
 from .data import build_datasets, build_loaders
-from .engine import TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
+from .engine import EvaluationStopped, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .report import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
 from .logging import TensorBoard, print_main
+from .metrics_file import append_metrics, drop_metrics_from, metrics_record, metrics_text, read_metrics
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
 from .resume import EPOCH_END_ONLY, refused_change
 from .rundir import claim
 from .signals import StopRequest
+from .spoof_metrics import SpoofScores
 
 
 class Run:
@@ -42,7 +44,8 @@ class Run:
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.saved = None  # (epoch, step) of the checkpoint this run wrote last
-        self.loss_growth = float("nan")  # the last epoch's: its recent training loss over its first (train_epoch)
+        self.mean_loss = float("nan")  # the last epoch's mean training loss (train_epoch), which :meth:`diverged` checks
+        self.unevaluated = None  # a resumed checkpoint's: the training averages of an epoch saved before its evaluation ended
         self.tensorboard = TensorBoard(os.path.join(args.output_dir, "tensorboard") if args.output_dir else None)
 
         method = distiller_class(args.recipe)
@@ -193,19 +196,27 @@ class Run:
         """The checkpoint dict. Collective: every rank must call it (RNG states are gathered)."""
         return self.parts().state_dict(epoch, step, saved_args(self.args), dist_utils.all_gather_object(capture_rng_state()))
 
-    def save(self, epoch, step=None):
+    def save(self, epoch, step=None, unevaluated=None, record=None):
         """Write the checkpoint of ``epoch`` (``step``: mid-epoch) unless its state diverged;
         rank 0 writes, every rank agrees on the outcome. ``model_{epoch}.pth`` goes first: a
         kill between the two leaves the previous ``checkpoint.pth``, from which ``--resume auto``
-        trains this epoch again and writes both."""
+        trains this epoch again and writes both. ``unevaluated``: the epoch's training averages,
+        for a save at its end whose evaluation a stop cut short (:data:`checkpoints.UNEVALUATED`).
+        ``record``: the epoch's ``metrics.jsonl`` line, written to a temporary file before the
+        checkpoints and renamed into place after them: a full disk loses neither, or both."""
         state = self.state(epoch, step)
+        if unevaluated is not None:
+            state[UNEVALUATED] = unevaluated
         where = f"epoch {epoch}" + ("" if step is None else f" step {step}")
         problem = next((p for p in dist_utils.all_gather_object(self.diverged(state)) if p), None)
         if problem:
+            kept = os.path.join(self.args.output_dir or ".", "checkpoint.pth")
+            restart = (f"start a new run in another --output-dir from its weights (--weights {kept})" if os.path.isfile(kept)
+                       else "start again")
             raise TrainingError(
-                f"{problem} in {where}: not saved, {self.checkpoint_kept()}; --resume auto retries from it, or start a "
-                "new run from its weights (--weights) with a lower --lr or with --clip-grad-norm"
-                + ("" if problem.startswith("non-finite") else ", or raise --max-loss-growth if the growth is expected")
+                f"{problem} in {where}: not saved, {self.checkpoint_kept()}; --resume auto would replay the same steps and "
+                f"stop here again: {restart} with a lower --lr or with --clip-grad-norm"
+                + ("" if problem.startswith("non-finite") else ", or resume with a larger --max-loss-growth if the growth is expected")
             )
         error = None
         if dist_utils.is_main_process() and self.args.output_dir:
@@ -214,10 +225,18 @@ class Run:
             # second full copy of it (hundreds of MB for a two-epoch quickstart) would keep nothing more
             if step is None and (epoch + 1) % self.args.checkpoint_freq == 0:
                 paths.insert(0, os.path.join(self.args.output_dir, f"model_{epoch}.pth"))
+            metrics, staged = os.path.join(self.args.output_dir, "metrics.jsonl"), None
             try:
+                if record is not None:
+                    path = metrics
+                    staged = stage_text(metrics, metrics_text(read_metrics(metrics) + [record]))
                 for path in paths:
                     save_atomic(state, path)
-            except (OSError, RuntimeError) as failure:  # no space left, no permission (torch.save: a RuntimeError)
+                if staged is not None:
+                    os.replace(staged, metrics)
+            except (OSError, RuntimeError) as failure:  # no space left, no permission
+                if staged is not None and os.path.exists(staged):
+                    os.remove(staged)
                 error = (f"could not write {path} ({one_line(failure)}): make room or fix the permissions in "
                          f"{self.args.output_dir}, then rerun with --resume auto; {self.checkpoint_kept()}")
         error = dist_utils.all_gather_object(error)[0]
@@ -227,15 +246,21 @@ class Run:
 
     def diverged(self, state):
         """Why ``state`` must not replace the last checkpoint, or None: non-finite weights,
-        buffers or optimizer state (a NaN guard on the loss alone misses them), or a training
-        loss that grew ``--max-loss-growth`` times over the epoch's first value."""
+        buffers or optimizer state (a NaN guard on the loss alone misses them), or an epoch's
+        mean training loss ``--max-loss-growth`` times the run's loss scale, ln(classes).
+
+        ln(classes) is the cross-entropy of a uniform guess: where a run starts and what a run
+        that learns falls below, so a converged run's batch-to-batch noise never reads as growth,
+        and it depends on nothing measured: a resume, from any point, checks against the same
+        scale, and the checkpoint needs no entry for it (see the README for why not the first loss)."""
         for key in LEARNED:
             tensors = [t for t in _tensors(state[key]) if t.is_floating_point()]
             if tensors and not all(torch.isfinite(t).all() for t in tensors):
                 return f"non-finite values in the {key} state"
-        limit = self.args.max_loss_growth
-        if limit and self.loss_growth > limit:
-            return f"the training loss grew {self.loss_growth:.3g} times over the epoch's first value (--max-loss-growth {limit:g})"
+        limit, mean, scale = self.args.max_loss_growth, self.mean_loss, math.log(self.num_classes)
+        if limit and scale and mean > limit * scale:
+            return (f"the training loss diverged: the epoch's mean {mean:.4g} is {mean / scale:.3g} times the run's loss scale "
+                    f"ln({self.num_classes}) = {scale:.4g} (--max-loss-growth {limit:g})")
         return None
 
     def checkpoint_kept(self):
@@ -258,6 +283,7 @@ class Run:
         self.parts().load(ckpt, path, test_only=self.args.test_only)
         if self.args.test_only:
             return ckpt["epoch"], 0
+        self.unevaluated = ckpt.get(UNEVALUATED)
         written = restore_rng(ckpt, self.args.rank, self.args.world_size)
         if written != self.args.world_size:
             print_main(f"note: {path} was written by {written} processes, not {self.args.world_size}: RNG streams restart")
@@ -277,11 +303,11 @@ class Run:
     # ---- training and evaluation -----------------------------------------------------
     def train_epoch(self, epoch, start_step, stop):
         """Epoch ``epoch`` from ``start_step`` (:func:`engine.train_one_epoch`) until its end or
-        ``stop``; returns ``(next step or None, averages)`` and keeps the loss growth :meth:`diverged` checks."""
+        ``stop``; returns ``(next step or None, averages)`` and keeps the losses :meth:`diverged` checks."""
         a, sampler = self.args, self.train_loader.sampler  # seeds.SeededSampler
         sampler.set_epoch(epoch)
         sampler.start = start_step * a.batch_size  # a mid-epoch resume: what was trained is left out
-        next_step, averages, self.loss_growth = train_one_epoch(
+        next_step, averages, self.mean_loss = train_one_epoch(
             self.distiller, self.train_loader, self.optimizer, epoch, self.device, start_step=start_step,
             disc_optimizer=self.disc_optimizer, scaler=self.scaler, amp_dtype=self.amp_dtype, clip_grad_norm=a.clip_grad_norm,
             memory_format=self.memory_format, ema=self.ema, ema_steps=a.model_ema_steps, ema_warmup_epochs=a.lr_warmup_epochs,
@@ -291,13 +317,15 @@ class Run:
         sampler.start = 0
         return next_step, averages
 
-    def evaluate(self):
+    def evaluate(self, stop=None):
         """Top-1/top-5 of the student (and its EMA) on the validation set, each with rank 0's
-        BatchNorm statistics (:meth:`log_attention_maps` draws the maps afterwards)."""
+        BatchNorm statistics (:meth:`log_attention_maps` draws the maps afterwards). ``stop``:
+        a :class:`signals.StopRequest` that cuts the passes short (:class:`engine.EvaluationStopped`)."""
         for module in (self.distiller.student, self.ema.module if self.ema is not None else None):
             if module is not None:
                 dist_utils.broadcast_buffers(module)  # evaluate the copy the checkpoint keeps (rank 0's)
-        options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10)
+        options = dict(amp_dtype=self.amp_dtype, memory_format=self.memory_format, print_freq=max(self.args.print_freq, 1) * 10,
+                       stop=stop)
         results = {}
         if self.args.eval_views:  # clean and each view, in one pass (views seeded with 0)
             options["protocol"] = self.args.eval_views_protocol
@@ -306,11 +334,18 @@ class Run:
                 ema = evaluate_views(self.ema.module, self.val_loader, self.device, header="Test: EMA", **options)
                 results.update({"ema_" + key: value for key, value in ema.items()})
             return results
-        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:", **options)
+        spoof = SpoofScores() if self.num_classes == 2 else None  # live / spoof: also the EER and its kin
+        results["acc1"], results["acc5"] = evaluate(self.distiller.student, self.val_loader, self.device, header="Test:",
+                                                    scores=spoof, **options)
+        if spoof is not None:
+            results.update(spoof.compute("Test:"))
         if self.ema is not None:
+            spoof = SpoofScores() if self.num_classes == 2 else None
             results["ema_acc1"], results["ema_acc5"] = evaluate(
-                self.ema.module, self.val_loader, self.device, header="Test: EMA", **options
+                self.ema.module, self.val_loader, self.device, header="Test: EMA", scores=spoof, **options
             )
+            if spoof is not None:
+                results.update({"ema_" + key: value for key, value in spoof.compute("Test: EMA").items()})
         return results
 
 
@@ -430,14 +465,16 @@ def _train(args, stop):
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
         start_epoch, start_step = run.restore(args.resume)
-        if not args.test_only and start_epoch >= args.epochs:
+        if not args.test_only and start_epoch >= args.epochs and run.unevaluated is None:
             print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
                        "(raise --epochs to train on, or evaluate it with --test-only)")
             run.tensorboard.close()
             return {}
-        print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
+        print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}"
+                   + (f" (epoch {start_epoch - 1} is evaluated first)" if run.unevaluated is not None else ""))
         if dist_utils.is_main_process() and args.output_dir and not args.test_only:
-            _drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), start_epoch)
+            first = start_epoch - 1 if run.unevaluated is not None else start_epoch
+            drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
     elif args.test_only and args.weights:
         run.distiller.student.load_state_dict(_student_weights(args.weights))
 
@@ -449,34 +486,53 @@ def _train(args, stop):
     print_main("Start training")
     start_time = time.time()
     results = {}
+    if run.unevaluated is not None:  # saved while its evaluation was cut short: that evaluation first
+        try:
+            results = run.evaluate(stop)
+        except EvaluationStopped:
+            return stopped(run, f"{stop.reason}: epoch {start_epoch - 1} is still unevaluated in {args.resume}; --resume it to go on")
+        log_epoch(run, start_epoch - 1, results, run.unevaluated)
+        if dist_utils.is_main_process() and args.output_dir:
+            append_metrics(os.path.join(args.output_dir, "metrics.jsonl"), metrics_record(start_epoch - 1, results, run.unevaluated))
     for epoch in range(start_epoch, args.epochs):
         next_step, train_stats = run.train_epoch(epoch, start_step, stop)
         start_step = 0
         if next_step is not None:
             run.save(epoch, step=next_step)
-            print_main(f"{stop.reason}: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; --resume it to go on")
-            run.tensorboard.close()
-            return results
+            return stopped(run, f"{stop.reason}: saved epoch {epoch} step {next_step} to {args.output_dir}/checkpoint.pth; "
+                                "--resume it to go on", results)
         run.lr_scheduler.step()
         if run.disc_lr_scheduler is not None:
             run.disc_lr_scheduler.step()
-        results = run.evaluate()
-        run.log_attention_maps(epoch)
-        run.tensorboard.scalars(results, epoch, prefix="val/")
-        run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
-        run.tensorboard.flush()
-        run.save(epoch)
-        if dist_utils.is_main_process() and args.output_dir:  # after its checkpoint: no line for an epoch not saved
-            record = {"epoch": epoch, **results, **{f"train_{k}": v for k, v in train_stats.items()}}
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        try:
+            results = run.evaluate(stop)
+        except EvaluationStopped as cut:
+            run.save(epoch, unevaluated=train_stats)
+            return stopped(run, f"{stop.reason}: evaluation {cut}; saved epoch {epoch} to {args.output_dir}/checkpoint.pth; "
+                                "--resume it to go on (it evaluates the epoch first)")
+        log_epoch(run, epoch, results, train_stats)
+        run.save(epoch, record=metrics_record(epoch, results, train_stats))  # no line for an epoch not saved
         if epoch + 1 < args.epochs and dist_utils.any_rank(stop.requested, run.device):
-            print_main(f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on")
-            run.tensorboard.close()
-            return results
+            return stopped(run, f"{stop.reason}: saved epoch {epoch} to {args.output_dir}/checkpoint.pth; --resume it to go on",
+                           results)
     print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     run.tensorboard.close()
     return results
+
+
+def log_epoch(run, epoch, results, train_stats):
+    """An evaluated epoch's attention maps and scalars to TensorBoard."""
+    run.log_attention_maps(epoch)
+    run.tensorboard.scalars(results, epoch, prefix="val/")
+    run.tensorboard.scalars(train_stats, epoch, prefix="train_epoch/")
+    run.tensorboard.flush()
+
+
+def stopped(run, line, results=None):
+    """End the run after a stop request: say what was saved, close TensorBoard."""
+    print_main(line)
+    run.tensorboard.close()
+    return results or {}
 
 
 def _tensors(obj):
@@ -508,17 +564,6 @@ def resume_path(args):
 def _student_weights(path):
     """A student state dict from an exported file, a cakd checkpoint or a released-code one."""
     return SourceCheckpoint(path).student_state("student")
-
-
-def _drop_metrics_from(path, epoch):
-    """On resume, forget metrics.jsonl lines of the epochs about to be trained again."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] < epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None):

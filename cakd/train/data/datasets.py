@@ -6,6 +6,7 @@ Nothing here prints; the caller logs.
 import json
 import os
 
+import numpy as np
 import torch.distributed as dist
 import torchvision
 from PIL import Image
@@ -40,16 +41,28 @@ class DataError(CakdError):
 
 
 def _unreadable(path, error):
+    if isinstance(error, Image.DecompressionBombError):
+        return DataError(f"image {path} is too large to decode safely ({' '.join(str(error).split())}): "
+                         "shrink it or remove it")
     detail = " ".join(str(error).split())
     return DataError(f"cannot read image {path} ({type(error).__name__}: {detail}): remove or replace the file")
 
 
+# PIL refuses an image of more than twice Image.MAX_IMAGE_PIXELS (about 179 million pixels) and
+# warns above it; such an image is one DataError naming it, before the first epoch for validation
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def load_image(path):
-    """PIL loader that names the file when it cannot be decoded, instead of a bare PIL error."""
+    """PIL loader that names the file when it cannot be decoded, instead of a bare PIL error.
+    16-bit greyscale (PNG, TIFF: PIL's ``I;16`` and ``I`` modes) is scaled to 8 bits, not
+    clipped at 255 (which turns it white)."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
             return img.convert("RGB")  # convert() decodes, so truncated files fail here too
-    except (OSError, SyntaxError, ValueError) as error:
+    except UNREADABLE as error:
         raise _unreadable(path, error) from None
 
 
@@ -61,7 +74,7 @@ def check_images(dataset):
         try:
             with Image.open(path):
                 pass
-        except (OSError, SyntaxError, ValueError) as error:
+        except UNREADABLE as error:
             raise _unreadable(path, error) from None
 
 
@@ -106,6 +119,10 @@ def _folder_tree(class_dir, seen):
         files = []
         with os.scandir(folder) as entries:
             for entry in entries:
+                try:
+                    entry.is_dir()
+                except OSError as error:  # links that lead to each other
+                    raise DataError(f"{entry.path} cannot be followed ({error.strerror}): a loop of links; remove it") from None
                 if entry.is_dir() and entry.is_symlink():
                     raise DataError(
                         f"{entry.path} is a link to the folder {os.path.realpath(entry.path)}: links to folders are not "
@@ -201,6 +218,22 @@ def _read_cache(path):
     return entries if isinstance(entries, dict) else {}
 
 
+def _listing_fits(split_dir, classes, samples):
+    """Whether a cached listing is one of ``split_dir`` as :func:`list_images` makes it: its
+    classes are the folder's class folders, and each sample a relative path inside the folder of
+    its own class, with a label of one of them (a crafted cache could name any file, or a label
+    out of range)."""
+    if classes != _class_folders(split_dir):
+        return False
+    for path, label in samples:
+        if not 0 <= label < len(classes) or os.path.isabs(path):
+            return False
+        parts = os.path.normpath(path).split(os.sep)
+        if parts[0] != classes[label] or ".." in parts or len(parts) < 2:
+            return False
+    return True
+
+
 def _image_folder(split_dir, transform, cache_dir=None):
     """An ImageFolder over ``split_dir``; with ``cache_dir``, its listing (classes and files) is
     read from ``cache_dir/dataset_cache.json`` while the folder's fingerprint is unchanged, else
@@ -213,7 +246,8 @@ def _image_folder(split_dir, transform, cache_dir=None):
     if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
         try:
             classes, samples = [str(c) for c in entry["classes"]], [(str(p), int(label)) for p, label in entry["samples"]]
-            return ImageFolder(split_dir, transform=transform, listing=(classes, samples))
+            if _listing_fits(split_dir, classes, samples):
+                return ImageFolder(split_dir, transform=transform, listing=(classes, samples))
         except (KeyError, TypeError, ValueError):  # not what this function writes: list the folder again
             pass
     dataset = ImageFolder(split_dir, transform=transform)
@@ -265,8 +299,8 @@ def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224
     ``synthetic_size``: its training images; ``download``: fetch CIFAR-100 first; ``cache_dir``:
     where an image folder's listing is cached (:func:`_image_folder`).
     """
-    if dataset not in ("imagefolder", "cifar100", "synthetic"):
-        raise ValueError(f"unknown dataset {dataset!r}: use 'imagefolder', 'cifar100' or 'synthetic'")
+    if dataset not in ("imagefolder", "cifar100", "synthetic", "celeba_spoof"):
+        raise ValueError(f"unknown dataset {dataset!r}: use 'imagefolder', 'cifar100', 'synthetic' or 'celeba_spoof'")
     interpolation = InterpolationMode(interpolation)
     train_transform = ClassificationPresetTrain(
         crop_size=train_crop_size,
@@ -291,6 +325,11 @@ def build_datasets(dataset="imagefolder", data_path=None, *, train_crop_size=224
         train, val = _cifar100(data_path, download, train_transform, val_transform)
         return train, val, len(train.classes)
 
+    if dataset == "celeba_spoof":  # face anti-spoofing (Table 4): live / spoof, faces cut out by their boxes
+        from ..celeba_spoof import celeba_spoof  # here: that module reads this one's DataError and load_image
+
+        train, val = celeba_spoof(data_path, train_transform, val_transform)
+        return train, val, len(train.classes)
     train_dir, val_dir = _check_layout(data_path)
     train = _image_folder(train_dir, train_transform, cache_dir)
     val = _image_folder(val_dir, val_transform, cache_dir)
