@@ -335,7 +335,7 @@ def test_summarize_bad_run_files_are_one_line(tmp_path, capsys, config, metrics,
 def test_a_crafted_dataset_cache_cannot_leave_its_folder_or_its_classes(data, tmp_path):
     """A cache entry with a matching fingerprint but a path outside the folder, a path into
     another class's folder, or a label out of range is not used: the folder is listed again."""
-    from cakd.train.data import CACHE_FILE, _image_folder
+    from cakd.train.data.datasets import CACHE_FILE, _image_folder
 
     split = os.path.join(data, "train")
     listed = _image_folder(split, None, cache_dir=str(tmp_path)).samples  # writes the cache
