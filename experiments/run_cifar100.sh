@@ -16,6 +16,10 @@
 # all), NGPUS (default 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS (default 0).
 # Extra flags go to every step.
 set -e
+help=
+for arg in "$@"; do
+    case $arg in -h | --help) help=1 ;; esac  # the flags are the same for every step: the first step's help, then stop
+done
 TEACHER=${TEACHER:-vit_b_16}
 OUT=${OUTPUT_DIR:-runs/cifar100_$TEACHER}
 CONFIGS="$(dirname "$0")/../configs"
@@ -36,6 +40,7 @@ run() {  # one step with the launcher, in the background so that a SIGTERM reach
     child=$!
     wait "$child"
     child=
+    [ -z "$help" ] || exit 0
     finished="import sys; from cakd.train.checkpoints import finished; sys.exit(0 if finished(sys.argv[1]) else 1)"
     if ! python3 -c "$finished" "$out/checkpoint.pth"; then  # stopped mid-way (a SIGTERM to the launcher)
         echo "$out stopped before its last epoch; run the script again to go on"

@@ -89,7 +89,7 @@ def build_model(args, checkpoint, dataset, crop):
         name = pick(checkpoint, "teacher", args.teacher)
         weights = pick(checkpoint, "teacher_weights", args.teacher_weights)
         if no_weights(weights):
-            print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing")
+            print_main("warning: --teacher-weights none: a random teacher, its accuracy means nothing", file=sys.stderr)
         # checks the class count; a random teacher is the run's own, drawn again from its seed
         seed, student = pick(checkpoint, "seed"), pick(checkpoint, "model", args.model)
         teacher = build_eval_teacher(name, weights, crop, len(dataset.classes), seed=seed, student=student)

@@ -249,21 +249,35 @@ def plot(runs, width, height):
     returns the figure."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(width / 100, height / 100), layout="constrained")
-    drawn = False
+    series = []  # (points, style, colour, label, metric) of each curve; a run's published line after its curves
     for run, name, colour in zip(runs, labels(runs), plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(runs)):
         for metric, style, label in (("acc1", "-o", name), ("ema_acc1", ":s", f"{name} (EMA)")):
             points = [(epoch, record[metric]) for epoch, record in run["by_epoch"].items() if metric in record]
             if points:
-                ax.plot(*zip(*points), style, color=colour, label=label, markersize=4, linewidth=1.5 if metric == "acc1" else 1,
-                        markerfacecolor=colour if metric == "acc1" else "none")
-                drawn = True
+                series.append((points, style, colour, label, metric))
         numbers = published_for(run)
         if numbers:
-            source, top1, _ = next((n for n in numbers if n[0] == "paper"), numbers[0])
-            ax.axhline(top1, color=colour, linestyle="--", linewidth=1.2, label=f"{name}: {source} {top1:.2f}")
-    if not drawn:
+            series.append((None, *next((n for n in numbers if n[0] == "paper"), numbers[0])[:2], colour, name))
+    if not any(points for points, *_ in series):
         raise UserError("no top-1 values to plot")
+    single = [i for i, (points, *_) in enumerate(series) if points and len(points) == 1]  # one-epoch curves: a marker
+    step = min(0.6 / len(single), 0.15) if single else 0
+    for i, entry in enumerate(series):
+        if entry[0] is None:
+            _, source, top1, colour, name = entry
+            ax.axhline(top1, color=colour, linestyle="--", linewidth=1.2, label=f"{name}: {source} {top1:.2f}")
+            continue
+        points, style, colour, label, metric = entry
+        if i in single:  # side by side around their epoch, not drawn over each other
+            offset = (single.index(i) - (len(single) - 1) / 2) * step
+            points = [(epoch + offset, value) for epoch, value in points]
+        ax.plot(*zip(*points), style, color=colour, label=label, markersize=4, linewidth=1.5 if metric == "acc1" else 1,
+                markerfacecolor=colour if metric == "acc1" else "none")
+    epochs = [epoch for points, *_ in series if points for epoch, _ in points]
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if max(epochs) - min(epochs) < 2:  # a short run: its whole epochs on the axis, not ticks from -0.04 to 0.04
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.set_xticks(range(min(epochs), max(epochs) + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("top-1 per epoch")

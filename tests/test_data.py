@@ -22,6 +22,7 @@ from cakd.train.data import (
     RASampler,
     build_datasets,
     build_loaders,
+    write_listing_cache,
 )
 from cakd.train.trainer import dataset_options, loader_options
 from make_image_folder import make_image_folder
@@ -333,18 +334,25 @@ def test_image_folder_end_to_end_with_ra_sampler_and_mixup(tmp_path):
     assert images.shape == (4, 3, 64, 64) and labels.tolist() == [0, 0, 1, 1]
 
 
+def cached_build(args):
+    """build_datasets, then the cache written as the trainer writes it once its checks pass."""
+    train, val, num_classes = build_datasets(**dataset_options(args))
+    write_listing_cache(train, val)
+    return train, val, num_classes
+
+
 def test_cache_dataset_reuses_the_file_list_with_new_transforms(tmp_path):
     root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
     out = tmp_path / "run"
     out.mkdir()
-    build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out))))
+    cached_build(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
     cache = json.loads((out / "dataset_cache.json").read_text())  # plain JSON in the run folder
     assert sorted(cache) == [os.path.join(root, "train"), os.path.join(root, "val")]
     assert cache[os.path.join(root, "train")]["classes"] == ["class_0", "class_1"]
     rewritten = dict(cache)  # the listing comes from the cache while the fingerprint holds
     rewritten[os.path.join(root, "train")]["samples"] = rewritten[os.path.join(root, "train")]["samples"][:3]
     (out / "dataset_cache.json").write_text(json.dumps(rewritten))
-    train, val, num_classes = build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out), train_crop_size=32)))
+    train, val, num_classes = cached_build(make_args(data_path=root, cache_dataset=True, output_dir=str(out), train_crop_size=32))
     assert (len(train), len(val), num_classes) == (3, 2, 2)
     assert train[0][0].shape == (3, 32, 32)  # but the transform is today's
 
@@ -354,16 +362,16 @@ def test_cache_dataset_is_rebuilt_when_the_folder_changes(tmp_path):
     the folder is listed again (the old cache, keyed by the path only, trained 2 classes here)."""
     root = make_image_folder(str(tmp_path / "data"), num_classes=2, train_per_class=2, val_per_class=1, size=40)
     args = make_args(data_path=root, cache_dataset=True, output_dir=str(tmp_path))
-    assert build_datasets(**dataset_options(args))[2] == 2
+    assert cached_build(args)[2] == 2
     for split, count in (("train", 2), ("val", 1)):
         os.makedirs(os.path.join(root, split, "class_2"))
         for i in range(count):
             noise_image(40, 40).save(os.path.join(root, split, "class_2", f"img_{i}.JPEG"))
-    train, val, num_classes = build_datasets(**dataset_options(args))
+    train, val, num_classes = cached_build(args)
     assert (len(train), len(val), num_classes) == (6, 3, 3)
     extra = os.path.join(root, "train", "class_0", "img_9.JPEG")
     noise_image(40, 40).save(extra)
-    train = build_datasets(**dataset_options(args))[0]
+    train = cached_build(args)[0]
     assert len(train) == 7 and (extra, 0) in train.samples
 
 
@@ -388,7 +396,7 @@ def test_cache_dataset_never_unpickles(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
     torch.save(Payload(), out / "dataset_cache.json")
-    train, val, num_classes = build_datasets(**dataset_options(make_args(data_path=root, cache_dataset=True, output_dir=str(out))))
+    train, val, num_classes = cached_build(make_args(data_path=root, cache_dataset=True, output_dir=str(out)))
     assert not marker.exists() and (len(train), len(val), num_classes) == (4, 2, 2)
     assert json.loads((out / "dataset_cache.json").read_text())  # replaced by a listing
 

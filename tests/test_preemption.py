@@ -7,14 +7,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
 
 from cakd.train.launch import children
 from make_image_folder import make_image_folder
-from test_train import ROOT, assert_same_state, free_port
+from test_train import RANDOM_TEACHER, ROOT, assert_same_state, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
@@ -63,9 +62,11 @@ def test_an_epoch_replays_from_any_position_with_any_workers(data):
     assert not torch.equal(whole[0][0], batches(0, epoch=2)[0][0])
 
 
-def launch(args, torchrun_flags=()):
+def launch(args, torchrun_flags=(), held=False):
+    """The launcher's command line; ``held``: the ranks run tests/held_train.py (see :func:`run_held`)."""
+    entry = [os.path.join(ROOT, "tests", "held_train.py")] if held else ["-m", "cakd.train"]
     return [sys.executable, "-m", "cakd.train.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *torchrun_flags, "-m", "cakd.train", *args]
+            "--master_port", str(free_port()), *torchrun_flags, *entry, *args]
 
 
 def descendants(pid):
@@ -75,9 +76,32 @@ def descendants(pid):
     return found
 
 
-def run(cmd, marker=None, act=None, tmp_path=None, limit=400):
-    """Run ``cmd`` in its own session; ``act(proc)`` once a stdout line holds ``marker``.
-    Returns (status, stdout, stderr); a run still going after ``limit`` seconds is killed, ranks too."""
+def run_held(args, after, send, tmp_path, times=1):
+    """The launcher with rank 0 held after its progress line holding ``after`` (tests/held_train.py):
+    ``send(proc)`` then, each time rank 0's handler has run for the last one (not merely once it was
+    sent: two Ctrl-Cs in a row must not merge into one), again, ``times`` in all; then let go.
+    The signal lands at a known step, not wherever a live run has got to. Returns as :func:`run`."""
+    release = os.path.join(str(tmp_path), "release")
+    if os.path.exists(release):
+        os.remove(release)
+
+    def act(proc, line):
+        if line.startswith("held: requested"):
+            requested, interrupts = line.split()[2] == "True,", int(line.split()[-1])
+            handled = interrupts or int(requested)
+            if handled < times:
+                send(proc)
+            elif not os.path.exists(release):
+                open(release, "w").close()
+
+    return run(launch(args, held=True), "held: requested", act, tmp_path, env={"HOLD_AFTER": after, "HOLD_RELEASE": release},
+               every=True)
+
+
+def run(cmd, marker=None, act=None, tmp_path=None, limit=400, env=None, every=False):
+    """Run ``cmd`` in its own session; ``act(proc)`` once a stdout line holds ``marker`` (``every``:
+    ``act(proc, line)`` on each such line). Returns (status, stdout, stderr); a run still going after
+    ``limit`` seconds is killed, ranks too."""
     err_path = os.path.join(str(tmp_path), "stderr.txt")
 
     def kill_all():
@@ -88,7 +112,7 @@ def run(cmd, marker=None, act=None, tmp_path=None, limit=400):
                 pass
 
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=ROOT,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env={**ENV, **(env or {})}, cwd=ROOT,
                                 start_new_session=True)
         watchdog = threading.Timer(limit, kill_all)
         watchdog.start()
@@ -96,8 +120,11 @@ def run(cmd, marker=None, act=None, tmp_path=None, limit=400):
         for line in proc.stdout:
             lines.append(line)
             if marker is not None and marker in line:
-                act(proc)
-                marker = None
+                if every:
+                    act(proc, line)
+                else:
+                    act(proc)
+                    marker = None
         proc.wait()
         watchdog.cancel()
     return proc.returncode, "".join(lines), open(err_path).read()
@@ -119,8 +146,8 @@ def uninterrupted(data, tmp_path_factory):
 def test_sigterm_at_the_launcher_then_at_every_process_saves_and_resumes_exactly(data, uninterrupted, tmp_path):
     out = str(tmp_path / "run")
     # 1. at the launcher (torchrun's own process), mid-epoch 0
-    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [0] [2/", lambda p: p.send_signal(signal.SIGTERM), tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    code, stdout, stderr = run_held(flags(data, out), "Epoch: [0] [2/", lambda p: p.send_signal(signal.SIGTERM), tmp_path)
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = step_of(out)
     assert 2 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in stdout
 
@@ -128,13 +155,13 @@ def test_sigterm_at_the_launcher_then_at_every_process_saves_and_resumes_exactly
     signalled = []
 
     def everyone(proc):
-        signalled.extend(descendants(proc.pid))
+        signalled[:] = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGTERM)
         for pid in signalled:
             os.kill(pid, signal.SIGTERM)
 
-    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [1] [2/", everyone, tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]  # no worker "killed by signal", no traceback
+    code, stdout, stderr = run_held(flags(data, out), "Epoch: [1] [2/", everyone, tmp_path)
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]  # no worker "killed by signal", no traceback
     assert len(signalled) >= 2 + 2 * 2  # the ranks and their 2 loader workers each
     assert f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in stdout  # auto, existing
     step = step_of(out)
@@ -153,18 +180,15 @@ def test_ctrl_c_at_the_launcher_saves_a_second_stops_and_the_resume_is_exact(dat
     is passed on and the ranks save; two stop the ranks at once with one line and status 130; the
     run then resumed to its end equals the uninterrupted one in every entry."""
     out = str(tmp_path / "run")
-    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [0] [2/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    code, stdout, stderr = run_held(flags(data, out), "Epoch: [0] [2/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path)
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = step_of(out)
     assert 2 < step < 6 and f"SIGINT: saved epoch 0 step {step}" in stdout
 
-    def twice(proc):
-        os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.5)  # a person's second press, not one signal merged with the first
-        os.killpg(proc.pid, signal.SIGINT)
-
-    code, stdout, stderr = run(launch(flags(data, out)), "Epoch: [1] [2/", twice, tmp_path)
+    code, stdout, stderr = run_held(flags(data, out), "Epoch: [1] [2/", lambda p: os.killpg(p.pid, signal.SIGINT), tmp_path,
+                                    times=2)
     assert code == 130 and stderr.splitlines() == [
+        RANDOM_TEACHER,
         "error: stopped at once by a second Ctrl-C: the run folder keeps its last checkpoint (--resume auto goes on from it)"
     ], stderr[-3000:]
     code, stdout, stderr = run(launch(flags(data, out)), tmp_path=tmp_path)

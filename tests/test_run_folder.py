@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from cakd.train import main
-from cakd.train.rundir import lock
+from cakd.train.rundir import Lock
 from make_image_folder import make_image_folder
-from test_train import ROOT, assert_same_state, run_main, small_flags
+from test_train import RANDOM_TEACHER, ROOT, assert_same_state, run_main, small_flags
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
@@ -78,9 +78,25 @@ def contents(folder):
     return found
 
 
+def frozen(pid):
+    """Wait until every thread of process ``pid`` is stopped (SIGSTOP): it writes nothing more."""
+    while True:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        if all(state in "tTZX" for state in states):  # stopped (or gone)
+            return
+        time.sleep(0.01)
+
+
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
     """A requeued job while the old one still runs: the second trainer says who holds the folder
-    and writes nothing; the first goes on (and here saves on SIGTERM)."""
+    and writes nothing; the first goes on (and here saves on SIGTERM). The first is frozen
+    (SIGSTOP) while the second tries, so the folder compared is one that only the second could change."""
     out = str(tmp_path / "run")
     flags = small_flags("cakd", data, out, epochs=3)
     proc = subprocess.Popen([sys.executable, "-m", "cakd.train", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -89,17 +105,20 @@ def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
     for line in proc.stdout:
         output.append(line)
         if "Epoch: [0] [1/6]" in line:
-            before = contents(out)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            frozen(proc.pid)
+            before, holder = contents(out), open(os.path.join(out, ".lock"), "rb").read()
             code, err = run_main(flags + ["--resume", "auto"], capsys)
-            assert contents(out) == before
+            assert contents(out) == before and open(os.path.join(out, ".lock"), "rb").read() == holder
             os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGCONT)
             break
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, "".join(output) + rest
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: {out} is in use by another run (pid {proc.pid} on {socket.gethostname()}, since ")
     assert err[0].endswith("): wait for it to end, or give this run another --output-dir")
-    os.close(lock(out))  # the lock went with the process: free for the next run
+    Lock(out).release()  # the lock went with the process: free for the next run
 
 
 def test_a_fresh_start_over_a_checkpoint_is_refused_and_start_over_moves_it_aside(data, trained, tmp_path, capsys):
@@ -111,7 +130,7 @@ def test_a_fresh_start_over_a_checkpoint_is_refused_and_start_over_moves_it_asid
         "--output-dir, or pass --start-over to move that run's files aside into a previous-<time>/ folder"
     ]
     assert contents(out) == before
-    with open(os.path.join(out, ".tmp-cut.pth"), "wb") as f:  # a save cut short by a kill
+    with open(os.path.join(out, ".tmp-k3x9_q2a.pth"), "wb") as f:  # a save cut short by a kill (the name mkstemp gives)
         f.write(b"half a checkpoint")
     assert main(small_flags("cakd", data, out, epochs=1) + ["--start-over"]) == 0
     aside = [name for name in os.listdir(out) if name.startswith("previous-")]
@@ -250,19 +269,25 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(data, tmp_path):
         return small_flags("cakd", data, folder, epochs=1) + ["--workers", "2", "--resume", "auto"]
 
     def interrupted(folder, presses):
-        proc = subprocess.Popen(train + flags(folder), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                                cwd=ROOT, start_new_session=True)
+        """Held after step 1's line (tests/held_train.py), pressed, each press once the last one's
+        handler ran (not one signal the kernel merges with the first), then let go."""
+        release = os.path.join(str(tmp_path), f"release-{presses}")
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "held_train.py"), *flags(folder)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                                env={**ENV, "HOLD_AFTER": "Epoch: [0] [1/6]", "HOLD_RELEASE": release})
         output = []
         for line in proc.stdout:
             output.append(line)
-            if "Epoch: [0] [1/6]" in line:
-                for press in range(presses):
-                    time.sleep(0.5 * press)  # a person's second press, not one signal the kernel merges with the first
+            if line.startswith("held: requested"):
+                pressed = int(line.split()[-1])
+                if pressed < presses:
                     os.killpg(proc.pid, signal.SIGINT)
+                else:
+                    open(release, "w").close()
         return proc.wait(timeout=300), "".join(output), proc.stderr.read()
 
     code, stdout, stderr = interrupted(out, 1)
-    assert code == 0 and stderr == "", stderr[-3000:]
+    assert code == 0 and stderr == RANDOM_TEACHER + "\n", stderr[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert 1 < step < 6 and f"SIGINT: saved epoch 0 step {step} to {out}/checkpoint.pth" in stdout
     results = [subprocess.run(train + flags(folder), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
@@ -276,6 +301,7 @@ def test_ctrl_c_saves_like_sigterm_and_a_second_stops_at_once(data, tmp_path):
 
     code, stdout, stderr = interrupted(twice, 2)
     assert code == 130 and stderr.splitlines() == [
+        RANDOM_TEACHER,
         "error: stopped at once by a second Ctrl-C: the run folder keeps its last checkpoint (--resume auto goes on from it)"
     ], stderr[-3000:]
     assert not os.path.exists(os.path.join(twice, "checkpoint.pth"))

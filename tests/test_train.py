@@ -28,6 +28,9 @@ def data_dir(tmp_path_factory):
     return make_image_folder(str(tmp_path_factory.mktemp("data")), num_classes=3, train_per_class=8, val_per_class=3, size=72)
 
 
+RANDOM_TEACHER = "warning: --teacher-weights none: a random teacher, for smoke runs only"  # on stderr, once a run
+
+
 def small_flags(recipe, data, out, epochs=2):
     flags = ["--config", os.path.join(ROOT, "configs", f"{recipe}.yaml"), "--device", "cpu", "--data-path", data,
              "--output-dir", out, "--model", "resnet18", "--teacher-weights", "none", "--train-crop-size", "64",
@@ -88,8 +91,9 @@ def test_torchrun_two_processes_and_exact_resume(recipe, data_dir, tmp_path):
 
 
 def run_main(flags, capsys):
+    """``main(flags)``: its status and stderr lines, the random teacher's warning of smoke runs aside."""
     code = main(flags)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line != RANDOM_TEACHER]
     return code, err
 
 
@@ -198,14 +202,18 @@ def test_sigterm_without_workers_resumes_exactly(data_dir, tmp_path):
                             text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     flags = small_flags("cakd", data_dir, out, epochs=1)
-    proc = subprocess.Popen(train + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
+    release = str(tmp_path / "release")  # held after step 1's line until the SIGTERM's handler ran (tests/held_train.py)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "held_train.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True,
+                            env={**env, "HOLD_AFTER": "Epoch: [0] [1/6]", "HOLD_RELEASE": release})
     output = []
     for line in proc.stdout:
         output.append(line)
-        if "Epoch: [0] [1/6]" in line:
+        if line.startswith("held: requested False"):
             os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, "".join(output)[-3000:]
+        elif line.startswith("held: requested True"):
+            open(release, "w").close()
+    assert proc.wait(timeout=300) == 0, "".join(output)[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert 1 < step < 6 and f"SIGTERM: saved epoch 0 step {step}" in "".join(output)
     assert not finished(os.path.join(out, "checkpoint.pth"))  # what run_cifar100.sh asks before its next step
@@ -268,7 +276,7 @@ def test_test_only_agrees_with_training_evaluation(tmp_path, capsys, data_dir):
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     assert main(flags + ["--resume", "auto"]) == 0  # the same run again: it is finished
     again = capsys.readouterr().out
-    assert f"{out}/checkpoint.pth is a finished run: all 1 epochs trained; nothing to do" in again
+    assert f"{out}/checkpoint.pth is a finished run: all 1 epoch trained; nothing to do" in again
     assert "Start training" not in again and open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 

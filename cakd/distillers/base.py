@@ -278,6 +278,11 @@ class Distiller(nn.Module):
         """A line for the run's header on how the method weighs its terms over ``epochs``, or None."""
         return None
 
+    def batch_line(self, batch_size: int):
+        """A line for the run's header when ``batch_size`` images per process leave a term of the
+        method nothing to compare (it logs 0), or None."""
+        return None
+
     def disc_due(self, step: int) -> bool:
         """Whether the discriminator steps at global iteration ``step``."""
         return self.discriminator is not None

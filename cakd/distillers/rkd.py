@@ -49,6 +49,14 @@ class RKDDistiller(Distiller):
         taps = teacher_taps(teacher, image_size, attention=False, tokens=True)
         return cls(StudentFeatures(student), teacher, teacher_taps=taps, config=config)
 
+    def batch_line(self, batch_size):
+        """RKD compares the relations within each process's batch (:func:`rkd_loss`): under 3 images
+        there is no triplet for the angle term and at most one distance, normalised to 1 on both sides."""
+        if batch_size >= 3:
+            return None
+        return (f"note: {batch_size} image(s) per process: RKD's angle term has no triplet and its distance term no two "
+                "distances to compare, so loss_rkd is 0 at every step; use --batch-size 3 or more")
+
     def forward(self, images, targets, epoch=0):
         teacher = self.run_teacher(images)
         student = self.run_student(images)

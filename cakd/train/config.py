@@ -16,6 +16,7 @@ import sys
 
 import yaml
 
+from ..weights import write_text_atomic
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
 from ..zoo import student_names
@@ -424,6 +425,8 @@ def parse_args(argv=None):
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None and wrong(value):
             parser.error(f"{flag} {value}: {meaning}")
+    if "nesterov" in args.opt.lower() and args.momentum == 0:  # torch.optim.SGD refuses it, after the models are built
+        parser.error(f"--opt {args.opt} with --momentum 0: Nesterov momentum needs a momentum above 0; give one, or use --opt sgd")
     return args
 
 
@@ -435,6 +438,26 @@ REFUSED = (
     ("--checkpoint-freq", lambda v: v < 1, "it must be 1 or more (epochs between kept model_{epoch}.pth files)"),
     ("--ra-reps", lambda v: v < 1, "it must be 1 or more (repetitions of each image per epoch)"),
     ("--batch-size", lambda v: v < 1, "it must be 1 or more (images per process)"),
+    ("--workers", lambda v: v < 0, "it must be 0 or more (0: load the data in the training process)"),
+    ("--iters-per-epoch", lambda v: v < 0, "it must be 0 or more (0: the whole epoch)"),
+    # what torch and torchvision refuse only once the models are built (or mid-epoch), said before
+    ("--opt", lambda v: not v.lower().startswith("sgd") and v.lower() not in ("rmsprop", "adamw"),
+     "not an optimizer: use sgd, sgd_nesterov, rmsprop or adamw"),
+    ("--lr", lambda v: v < 0, "a learning rate cannot be negative; give 0 or more"),
+    ("--lr-min", lambda v: v < 0, "a learning rate cannot be negative; give 0 or more"),
+    ("--momentum", lambda v: v < 0, "a momentum cannot be negative; give 0 or more (0.9: the recipes')"),
+    ("--weight-decay", lambda v: v < 0, "a weight decay cannot be negative; give 0 or more"),
+    ("--norm-weight-decay", lambda v: v < 0, "a weight decay cannot be negative; give 0 or more, or none for --wd"),
+    ("--bias-weight-decay", lambda v: v < 0, "a weight decay cannot be negative; give 0 or more, or none for --wd"),
+    ("--transformer-embedding-decay", lambda v: v < 0, "a weight decay cannot be negative; give 0 or more, or none for --wd"),
+    ("--label-smoothing", lambda v: not 0 <= v <= 1, "it must be between 0 and 1 (0: none, 0.1: the usual)"),
+    ("--lr-warmup-decay", lambda v: not 0 < v <= 1, "it must be above 0 and at most 1 (the warmup's first lr over --lr)"),
+    ("--model-ema-decay", lambda v: not 0 <= v <= 1, "it must be between 0 and 1"),
+    ("--random-erase", lambda v: not 0 <= v <= 1, "it is a probability: between 0 and 1"),
+    ("--mixup-alpha", lambda v: v < 0, "it must be 0 (off) or more"),
+    ("--cutmix-alpha", lambda v: v < 0, "it must be 0 (off) or more"),
+    ("--ra-magnitude", lambda v: not 0 <= v <= 30, "RandAugment's magnitude is a bin from 0 to 30"),
+    ("--augmix-severity", lambda v: not 1 <= v <= 10, "AugMix's severity is from 1 to 10"),
 )
 
 
@@ -452,9 +475,5 @@ def saved_args(args):
 
 def save_config(args, path):
     """The effective configuration, loadable again with ``--config``."""
-    data = saved_args(args)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(saved_args(args), sort_keys=True))
 

@@ -51,8 +51,23 @@ def init_distributed_mode(device="cpu", dist_url="env://"):
     store = attempt_store() if dist_url == "env://" else None
     kwargs.update({"store": store} if store is not None else {"init_method": dist_url})
     dist.init_process_group(backend=backend, world_size=world_size, rank=rank, **kwargs)
+    global _HOST_GROUP
+    _HOST_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else None  # None: the default group is gloo
     dist.barrier()
     return DistributedMode(True, rank, world_size, torch.device(device))
+
+
+_HOST_GROUP = None  # a gloo group beside NCCL's: collectives of host values that wait for no GPU work
+
+
+def host_any(flag: bool) -> bool:
+    """True when ``flag`` is set on any rank, agreed over the host (gloo): unlike :func:`any_rank`
+    on a CUDA device, it does not wait for the GPU's queued work (cheap enough for every step)."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(t.item())
 
 
 def attempt_store():

@@ -35,7 +35,7 @@ def evaluation_stop(loader, stop, device):
     most), so every rank takes part in the same agreements."""
     if stop is None:
         return lambda i: None
-    shortest, check = smallest(len(loader), device), StopCheck(stop, device)
+    shortest, check = smallest(len(loader), device), StopCheck(stop)
 
     def after(i):
         if i < shortest - 1 and check():
@@ -135,8 +135,8 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     Returns ``(next_step, averages, mean_loss)``: the next step to run if a stop was requested
     (else None), the epoch's loss and accuracy averages over all ranks, and :func:`mean_loss`. Loss
     values are read back from the device only every ``print_freq`` iterations; a stop request is
-    agreed by :class:`signals.StopCheck` (within a few seconds of steps), and one in the last
-    step lets the epoch end (the trainer saves it and stops there).
+    agreed by :class:`signals.StopCheck` after every step, and one in the last step lets the
+    epoch end (the trainer saves it and stops there).
     """
     distiller.train()
     logger = MetricLogger()
@@ -149,7 +149,7 @@ def train_one_epoch(distiller, loader, optimizer, epoch, device, *, start_step=0
     if iters_per_epoch:
         total = min(total, iters_per_epoch)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    stop_check = StopCheck(stop, device)
+    stop_check = StopCheck(stop)
     header = f"Epoch: [{epoch}]"
     with sigterm_held():  # the workers start here
         batches = itertools.islice(loader, total - start_step)

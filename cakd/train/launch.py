@@ -12,6 +12,7 @@ launcher exits with that rank's status, without torchrun's traceback and log lin
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +76,9 @@ def forward(signum):
 def on_sigterm(signum, frame):
     if os.environ.get(STOP_ENV) != "1":
         os.environ[STOP_ENV] = "1"
+        # said here: rank 0, which says what it saved, may run on another node (this one's log would stay empty)
+        print(f"{signal.Signals(signum).name} to the launcher on {socket.gethostname()}: passed on to this node's ranks, "
+              "which save and stop", flush=True)
         threading.Thread(target=forward, args=(signum,), name="stop", daemon=True).start()
 
 

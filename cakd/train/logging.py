@@ -158,23 +158,28 @@ class Accuracy:
 
 
 class TensorBoard:
-    """A SummaryWriter on rank 0 only; a no-op elsewhere."""
+    """A SummaryWriter on rank 0 only (``log_dir``; None elsewhere), a no-op elsewhere. It is made
+    at the first value: a run that stops before training writes no ``tensorboard/``."""
 
     def __init__(self, log_dir):
+        self.log_dir = log_dir if is_main_process() and log_dir else None
         self.writer = None
-        if is_main_process() and log_dir:
+
+    def _writer(self):
+        if self.writer is None and self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+        return self.writer
 
     def scalars(self, values: dict, step: int, prefix=""):
-        if self.writer is not None:
+        if self._writer() is not None:
             for name, value in values.items():
                 self.writer.add_scalar(prefix + name, value, step)
 
     def image(self, tag, image, step):
         """A (3, H, W) uint8 image."""
-        if self.writer is not None:
+        if self._writer() is not None:
             self.writer.add_image(tag, image, step)
 
     def flush(self):

@@ -11,12 +11,8 @@ import contextlib
 import os
 import signal
 import threading
-import time
 
-import torch
-from torch import distributed as dist
-
-from .distributed import is_dist
+from .distributed import host_any
 from .report import UserError, print_error
 
 # set by the launcher once it has been told to stop: ranks it starts afterwards (a restart) stop too
@@ -52,33 +48,17 @@ class StopRequest:
 
 
 class StopCheck:
-    """Where the ranks agree on a :class:`StopRequest`: after every step in one process (a flag
-    read, no collective); under torchrun every ``k`` steps, one small all-reduce of the request
-    and of the time since the last agreement (the slowest rank's). ``k`` is chosen at each
-    agreement from that time so that the next comes about ``seconds`` later: a stop is acted on
-    within a step or a few seconds of steps whatever ``--print-freq`` is, and a fast loop does not
-    wait on the device every step. Every rank computes ``k`` from the same reduced numbers.
-    ``clock``: seconds (tests give a fake one)."""
+    """Where the ranks agree on a :class:`StopRequest`: after every training step or evaluation
+    batch. In one process it reads the flag; under torchrun it is one all-reduce of the flag on
+    the host (:func:`distributed.host_any`, a gloo group beside NCCL's), which waits for no GPU
+    work. A stop is acted on at the next step, whatever ``--print-freq`` is."""
 
-    def __init__(self, stop, device, seconds=2.0, clock=time.monotonic, most=1000):
-        self.stop, self.device, self.seconds, self.clock, self.most = stop, device, seconds, clock, most
-        self.every, self.steps, self.since = 1, 0, clock()
+    def __init__(self, stop):
+        self.stop = stop
 
     def __call__(self):
-        """Whether to stop after the step just taken (collective at agreements)."""
-        if self.stop is None:
-            return False
-        if not is_dist():
-            return self.stop.requested
-        self.steps += 1
-        if self.steps < self.every:
-            return False
-        t = torch.tensor([float(self.stop.requested), self.clock() - self.since], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        requested, elapsed = t.tolist()
-        self.every = max(1, min(self.most, int(self.seconds * self.steps / elapsed) if elapsed > 0 else self.most))
-        self.steps, self.since = 0, self.clock()
-        return requested > 0
+        """Whether to stop after the step just taken (a collective under torchrun)."""
+        return self.stop is not None and host_any(self.stop.requested)
 
 
 @contextlib.contextmanager

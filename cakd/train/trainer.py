@@ -23,7 +23,7 @@ from ..teachers.registry import check_teacher_input
 from ..zoo import build_student, build_teacher, no_weights
 from .config import distiller_overrides, parse_args, save_config, saved_args
 from .checkpoints import LEARNED, UNEVALUATED, Parts, SourceCheckpoint, capture_rng_state, next_position, read, restore_rng
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, write_listing_cache
 from .engine import EvaluationStopped, TrainingError, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
 from .report import UserError, first_to_report, one_line, print_error, run_and_report
 from .figures import map_grid
@@ -31,7 +31,7 @@ from .logging import TensorBoard, print_main
 from .metrics_file import append_metrics, drop_metrics_from, metrics_record, metrics_text, read_metrics
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr
 from .resume import EPOCH_END_ONLY, refused_change
-from .rundir import claim
+from .rundir import RunFolder
 from .signals import StopRequest
 from .spoof_metrics import SpoofScores
 
@@ -61,6 +61,7 @@ class Run:
                 raise UserError(str(error)) from None
         train_set, val_set, num_classes = build_datasets(**dataset_options(args))
         self.num_classes = num_classes
+        self.datasets = (train_set, val_set)  # their listings go to the dataset cache once the run may write
         self.train_loader, self.val_loader, _ = build_loaders(
             train_set, val_set, num_classes, distributed=args.distributed, **loader_options(args)
         )
@@ -132,7 +133,7 @@ class Run:
     def _map_images(self, val_set, count=4):
         """The first validation images, at the training crop, whose attention maps go to
         TensorBoard after each evaluation (rank 0, a run with an attention projector)."""
-        if self.tensorboard.writer is None or getattr(self.distiller.trainable, "pca_proj", None) is None:
+        if self.tensorboard.log_dir is None or getattr(self.distiller.trainable, "pca_proj", None) is None:
             return None
         images = torch.stack([val_set[i][0] for i in range(min(count, len(val_set)))])
         size = self.args.train_crop_size
@@ -175,7 +176,7 @@ class Run:
         args = self.args
         random_teacher = no_weights(args.teacher_weights)
         if random_teacher:
-            print_main("warning: --teacher-weights none: a random teacher, for smoke runs only")
+            print_main("warning: --teacher-weights none: a random teacher, for smoke runs only", file=sys.stderr)
         try:
             return build_teacher(
                 args.teacher,
@@ -294,10 +295,10 @@ class Run:
         a = self.args
         pair = f"{a.model} <- {a.teacher} ({a.teacher_weights})" if self.distiller.teacher is not None else f"{a.model} alone"
         line = (f"cakd.train: {a.recipe} recipe, {pair}, {a.world_size} process(es) x {a.batch_size} images = "
-                f"{a.world_size * a.batch_size} per step, {a.epochs} epochs")
-        schedule = self.distiller.schedule_line(a.epochs)
-        if schedule:
-            line += "\n  " + schedule
+                f"{a.world_size * a.batch_size} per step, {a.epochs} epoch{'' if a.epochs == 1 else 's'}")
+        for note in (self.distiller.schedule_line(a.epochs), self.distiller.batch_line(a.batch_size)):
+            if note:
+                line += "\n  " + note
         return line
 
     # ---- training and evaluation -----------------------------------------------------
@@ -398,21 +399,22 @@ def train(args):
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts:
         print_main(f"torchrun restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
-    folder_lock = claim_output_dir(args) if args.output_dir and not args.test_only else None
+    folder = RunFolder(args) if args.output_dir and not args.test_only and dist_utils.is_main_process() else None
     try:
-        return _train(args, stop)
+        on_output_dir(args, folder and folder.claim)
+        return _train(args, stop, folder)
     finally:
-        if folder_lock is not None:
-            os.close(folder_lock)
+        if folder is not None:
+            folder.release()
 
 
-def claim_output_dir(args):
-    """Rank 0 claims the run folder (:func:`rundir.claim`): returns its lock's descriptor (None on
-    the other ranks). Every rank raises the same refusal."""
-    fd = aside = error = None
-    if dist_utils.is_main_process():
+def on_output_dir(args, step):
+    """Rank 0 does ``step(args)`` on the run folder (:class:`rundir.RunFolder`; None: nothing, as on
+    the other ranks) and returns what it returns there; every rank raises the same refusal."""
+    result = error = None
+    if step is not None:
         try:
-            fd, aside = claim(args)
+            result = step(args)
         except UserError as refusal:
             error = str(refusal)
         except OSError as failure:
@@ -420,9 +422,7 @@ def claim_output_dir(args):
     error = dist_utils.all_gather_object(error)[0]
     if error:
         raise UserError(error)
-    if aside:
-        print_main(f"--start-over: the previous run's files are in {aside}")
-    return fd
+    return result
 
 
 def check_resume(args):
@@ -447,7 +447,7 @@ def check_resume(args):
     )
 
 
-def _train(args, stop):
+def _train(args, stop, folder=None):
     if args.use_deterministic_algorithms:
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
@@ -457,22 +457,32 @@ def _train(args, stop):
     args.resume = resume_path(args)
     if args.resume and not args.test_only:
         check_resume(args)
-    if args.output_dir and not args.test_only and dist_utils.is_main_process():  # the checks passed: what runs
-        save_config(args, os.path.join(args.output_dir, "config.yaml"))
-    run = Run(args)
+    run = Run(args)  # data found, teacher file read, crop valid
     if not args.test_only:
         print_main(run.header())
     start_epoch, start_step = args.start_epoch, 0
     if args.resume:
-        start_epoch, start_step = run.restore(args.resume)
+        start_epoch, start_step = run.restore(args.resume)  # the resume accepted
         if not args.test_only and start_epoch >= args.epochs and run.unevaluated is None:
-            print_main(f"{args.resume} is a finished run: all {args.epochs} epochs trained; nothing to do "
+            epochs = f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}"
+            print_main(f"{args.resume} is a finished run: all {epochs} trained; nothing to do "
                        "(raise --epochs to train on, or evaluate it with --test-only)")
-            run.tensorboard.close()
             return {}
+    if not args.test_only:  # the checks passed: from here on the run writes in its folder
+
+        def start(args):
+            aside = folder.start(args)
+            write_listing_cache(*run.datasets)
+            save_config(args, os.path.join(args.output_dir, "config.yaml"))  # what runs
+            return aside
+
+        aside = on_output_dir(args, folder and start)
+        if aside:
+            print_main(f"--start-over: the previous run's files are in {aside}")
+    if args.resume:
         print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}"
                    + (f" (epoch {start_epoch - 1} is evaluated first)" if run.unevaluated is not None else ""))
-        if dist_utils.is_main_process() and args.output_dir and not args.test_only:
+        if folder is not None and not args.test_only:
             first = start_epoch - 1 if run.unevaluated is not None else start_epoch
             drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
     elif args.test_only and args.weights:
@@ -551,6 +561,8 @@ def resume_path(args):
     """``--resume auto``: OUTPUT_DIR/checkpoint.pth when rank 0 sees it, else a fresh start."""
     if args.resume != "auto":
         return args.resume
+    if args.start_over:  # the run that is there goes aside (RunFolder.start)
+        return ""
     path = os.path.join(args.output_dir or ".", "checkpoint.pth")
     found = dist_utils.all_gather_object(os.path.isfile(path))[0]  # every rank takes rank 0's answer
     if found:

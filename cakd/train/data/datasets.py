@@ -179,7 +179,7 @@ def _listing_fits(split_dir, classes, samples):
 def _image_folder(split_dir, transform, cache_dir=None):
     """An ImageFolder over ``split_dir``; with ``cache_dir``, its listing (classes and files) is
     read from ``cache_dir/dataset_cache.json`` while the folder's fingerprint is unchanged, else
-    listed and written there (by rank 0)."""
+    listed and kept for :func:`write_listing_cache` (nothing is written before the run's checks pass)."""
     if not cache_dir:
         return ImageFolder(split_dir, transform=transform)
     path, key, fingerprint = os.path.join(cache_dir, CACHE_FILE), os.path.abspath(split_dir), _fingerprint(split_dir)
@@ -193,11 +193,22 @@ def _image_folder(split_dir, transform, cache_dir=None):
         except (KeyError, TypeError, ValueError):  # not what this function writes: list the folder again
             pass
     dataset = ImageFolder(split_dir, transform=transform)
-    if is_main_process():
-        samples = [[os.path.relpath(p, split_dir), label] for p, label in dataset.samples]
-        entries[key] = {"fingerprint": fingerprint, "classes": dataset.classes, "samples": samples}
-        write_text_atomic(path, json.dumps(entries))
+    samples = [[os.path.relpath(p, split_dir), label] for p, label in dataset.samples]
+    dataset.listing_to_cache = (path, key, {"fingerprint": fingerprint, "classes": dataset.classes, "samples": samples})
     return dataset
+
+
+def write_listing_cache(*datasets):
+    """Write the listings :func:`_image_folder` made (not read from the cache) into the cache
+    file (by rank 0), once the run may write in its folder."""
+    pending = [dataset.listing_to_cache for dataset in datasets if getattr(dataset, "listing_to_cache", None)]
+    if not pending or not is_main_process():
+        return
+    path = pending[0][0]
+    entries = _read_cache(path)
+    for _, key, entry in pending:
+        entries[key] = entry
+    write_text_atomic(path, json.dumps(entries))
 
 
 def _cifar100(root, download, train_transform, val_transform):
