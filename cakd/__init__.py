@@ -1,9 +1,8 @@
 """Cross-Architecture Knowledge Distillation (Liu et al., ACCV 2022) on stock torch and torchvision."""
-from .checkpoint import export_student
+from .weights import export_student
 from .distillers import BaselineConfig, CAKDConfig, IRGConfig, KDConfig, LogitsConfig, RKDConfig, build_distiller
 from .losses import irg_loss, kd_loss, rkd_loss
-from .models import build_student
-from .teachers import build_teacher
+from .zoo import build_student, build_teacher
 
 __all__ = [
     "BaselineConfig",

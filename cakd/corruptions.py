@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from .students import IMAGENET_MEAN, IMAGENET_STD
 from .multiview import TRANSFORMS, MultiViewGenerator, view_seed
 
 CORRUPTIONS = ("blur", "jpeg", "pixelate", "elastic", "posterize")

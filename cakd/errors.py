@@ -2,7 +2,7 @@
 
 The trainer and every script catch :class:`CakdError` and nothing narrower, so a new kind of
 bad input needs a subclass, never a new catch list. It lives in the method package, which
-raises it too (:class:`cakd.checkpoint.StateMismatch`) and never imports the training system.
+raises it too (:class:`cakd.weights.StateMismatch`) and never imports the training system.
 """
 
 

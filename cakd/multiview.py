@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.transforms.v2.functional import rgb_to_grayscale
 
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from .students import IMAGENET_MEAN, IMAGENET_STD
 
 TRANSFORMS = ("jitter", "crop", "rotate", "mask", "noise")  # a sample's transform: its index here
 DRAW_ORDER = ("crop", "rotate", "jitter", "mask", "noise")  # the order training draws the strengths

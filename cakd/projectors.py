@@ -20,7 +20,7 @@ class AttentionProjector(nn.Module):
 
     Returns ``(attn_qk, attn_vv)``, both ``mean_h(x_h y_h^T) * head_dim**-0.5`` before
     softmax. The released module's unused output projection is left out (it never
-    received a gradient); :func:`cakd.checkpoint` drops its keys on import.
+    received a gradient); :func:`cakd.weights` drops its keys on import.
 
     ``fold``: ``"auto"`` computes ``attn_qk`` as ``S (W_q^T W_k) S^T`` (:func:`folded_scores`)
     when that takes fewer FLOPs than projecting every token to q and k (a batch with more tokens
@@ -53,6 +53,12 @@ class AttentionProjector(nn.Module):
             attn_qk = head_mean_scores(q, k, self.num_heads, self.scale)
         attn_vv = head_mean_scores(v, v, self.num_heads, self.scale)
         return attn_qk, attn_vv
+
+    def outputs(self, feature_map, tokens, teacher=None) -> dict:
+        """What this projector adds to the student's outputs: ``attn_qk``, ``attn_vv`` from the
+        tapped stage's ``tokens`` (``feature_map`` and ``teacher`` are not read)."""
+        attn_qk, attn_vv = self(tokens)
+        return {"attn_qk": attn_qk, "attn_vv": attn_vv}
 
 
 def partial_cross(student: torch.Tensor, teacher: torch.Tensor, prob: float) -> torch.Tensor:
@@ -87,6 +93,11 @@ class PartialCrossAttentionProjector(nn.Module):
         self.swap_prob = swap_prob
         self.score_map = score_map
         self.to_qkv = nn.Conv2d(in_channels, 3 * num_heads * head_dim, kernel_size=3, padding=1)
+
+    def outputs(self, feature_map, tokens, teacher=None) -> dict:
+        """What this projector adds to the student's outputs: its dict, from the tapped stage's
+        ``feature_map`` and the teacher's q, k, v (``tokens`` is not read)."""
+        return self(feature_map, teacher)
 
     def forward(self, feature_map, teacher=None):
         q, k, v = self.to_qkv(feature_map).flatten(2).transpose(1, 2).chunk(3, dim=-1)

@@ -136,12 +136,3 @@ def module_name(root: nn.Module, target: nn.Module) -> str:
             return name
     raise ValueError(f"{type(target).__name__} is not inside {type(root).__name__}")
 
-
-def __getattr__(name):
-    """``teacher_taps``, which moved to :mod:`cakd.teachers`, still importable from here (a
-    lazy import: the teacher families import this module)."""
-    if name == "teacher_taps":
-        from .teachers import teacher_taps
-
-        return teacher_taps
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,13 +23,13 @@ import sys
 
 import torch
 
-from cakd.models import IMAGENET_MEAN, IMAGENET_STD
+from cakd.students import IMAGENET_MEAN, IMAGENET_STD
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.figures import pyplot, save
 from cakd.train.distributed import check_device
-from cakd.train.tools import add_shared_flags, rebuild_distiller, training_crop_val_dataset
+from cakd.train.scriptkit import add_shared_flags, rebuild_distiller, training_crop_val_dataset
 
 
 def get_args_parser():

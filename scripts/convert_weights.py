@@ -6,7 +6,7 @@
 The input is in the layout of the releases (facebookresearch/deit, microsoft/Swin-Transformer)
 or of timm 1.0, which moved Swin's patch merging to the start of the next stage; both are read,
 told apart by their keys. The output loads with ``load_state_dict(strict=True)`` into
-``cakd.models.deit_b()`` / ``cakd.models.swin_l()`` (the class count read from the head). Only
+``cakd.teachers.vit.deit_b()`` / ``cakd.teachers.swin.swin_l()`` (the class count read from the head). Only
 names change: every tensor keeps its values and shape, and every key must be consumed.
 """
 import argparse
@@ -17,11 +17,14 @@ import sys
 
 import torch
 
-from cakd.checkpoint import load_error, load_strict, save_atomic
-from cakd.models import deit_b, swin_l
+from cakd.weights import load_error, load_strict, save_atomic
+from cakd.teachers.swin import swin_l
+from cakd.teachers.vit import deit_b
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
-from cakd.train.tools import check_output
+from cakd.train.report import UserError, run_and_report
+from cakd.train.scriptkit import check_output
+
+BUILDERS = {"deit_b": deit_b, "swin_l": swin_l}  # what the output loads into
 
 # Buffers the target builds itself from its window size; releases store some of them.
 COMPUTED = ("relative_position_index", "attn_mask")
@@ -233,7 +236,7 @@ def to_target(arch, converted):
         if found[:4] != wanted[:4]:
             raise ValueError(f"it holds {describe_vit(found)}, not {describe_vit(wanted)}: pass a DeiT-B checkpoint")
         model = deit_b(num_classes, image_size)
-    return load_converted(model, converted, f"it does not fit cakd.models.{arch}", "pass an unmodified official release")
+    return load_converted(model, converted, f"it does not fit {BUILDERS[arch].__module__}.{arch}", "pass an unmodified official release")
 
 
 def read_state_dict(path):
@@ -266,7 +269,7 @@ def run(args):
     except (ValueError, UserError) as error:
         raise UserError(f"{args.input}: {error}") from None
     save_atomic(model.state_dict(), args.output)
-    print(f"wrote {args.output}: {args.arch} ({layout}, {len(state)} keys read), loads strictly into cakd.models.{args.arch}")
+    print(f"wrote {args.output}: {args.arch} ({layout}, {len(state)} keys read), loads strictly into {BUILDERS[args.arch].__module__}.{args.arch}")
 
 
 def main(argv=None):

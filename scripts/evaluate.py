@@ -25,15 +25,16 @@ import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
 from cakd.corruptions import VIEW_PROTOCOLS
-from cakd.models import no_weights, num_classes_of
+from cakd.students import num_classes_of
+from cakd.zoo import no_weights
 from cakd.train import distributed as dist_utils
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
 from cakd.train.data import ShardSampler
 from cakd.train.engine import evaluate, evaluate_views
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.logging import print_main
-from cakd.train.tools import (
+from cakd.train.scriptkit import (
     DEFAULTS,
     RECIPE_EVAL,
     add_shared_flags,
@@ -70,11 +71,11 @@ def get_args_parser():
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help=f"autocast (default: {run})")
     p.add_argument("--amp-dtype", default=None, choices=["float16", "bfloat16"], help=f"autocast dtype (default: {run})")
     p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction, help=f"channels_last (default: {run})")
-    p.add_argument("--print-freq", default=10, type=int, help="a progress line every 10x this many batches, as the trainer (default: %(default)s)")
+    p.add_argument("--print-freq", default=DEFAULTS["print_freq"], type=int, help="a progress line every 10x this many batches, as the trainer (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: none)")
     p.add_argument("--views", action="store_true", help="also evaluate on each view of --views-protocol of every image, and their mean (default: off)")
     p.add_argument(
-        "--views-protocol", default="corruptions", choices=sorted(VIEW_PROTOCOLS),
+        "--views-protocol", default=DEFAULTS["eval_views_protocol"], choices=sorted(VIEW_PROTOCOLS),
         help="corruptions: blur, JPEG, pixelate, elastic, posterize, unlike training (the paper's C4/C5 asks for that); "
         "train_views: the multi-view generator's own training transforms, not the paper's protocol (default: %(default)s)",
     )

@@ -19,14 +19,15 @@ import sys
 import torch
 
 from cakd import export_student
-from cakd.checkpoint import load_strict, save_atomic, split_reference_state_dict
+from cakd.weights import load_strict, save_atomic, split_reference_state_dict
 from cakd.distillers import BaselineDistiller, StudentWithProjectors
-from cakd.models import OWN_BUILDERS, architecture, build_student, num_classes_of
+from cakd.students import num_classes_of
+from cakd.zoo import architecture, build_student, own_builders
 from cakd.train.checkpoints import Parts, SourceCheckpoint
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.optim import ExponentialMovingAverage
-from cakd.train.tools import add_shared_flags, check_output, load_student, pick, student_arch
+from cakd.train.scriptkit import add_shared_flags, check_output, load_student, pick, student_arch
 
 
 def get_args_parser():
@@ -65,8 +66,10 @@ def reference_student(checkpoint, which, arch, loaded):
 
 
 def home(arch):
-    """Where the plain model is built: ``torchvision.models.<arch>`` (``cakd.models`` for swin_l, deit_b)."""
-    return f"{'cakd.models' if arch in OWN_BUILDERS else 'torchvision.models'}.{arch}"
+    """Where the plain model is built: ``torchvision.models.<arch>``, or the module of its own builder
+    (``cakd.students.resnet50x2``, ``cakd.teachers.swin.swin_l`` ...)."""
+    builder = own_builders().get(arch)
+    return f"{builder.__module__ if builder else 'torchvision.models'}.{arch}"
 
 
 def exported_state(student, which):
@@ -86,7 +89,7 @@ def check_round_trip(state, reference, arch, crop, image_size):
     buffer.seek(0)
     loaded = torch.load(buffer, map_location="cpu", weights_only=True)
     num_classes = num_classes_of(reference)
-    plain = architecture(arch, num_classes, image_size)  # torchvision's get_model (or cakd.models' swin_l / deit_b)
+    plain = architecture(arch, num_classes, image_size)  # torchvision's get_model (or our own builder: resnet50x2, swin_l, deit_b)
     load_strict(plain, loaded, f"the export does not load into {home(arch)}", "this is a bug, please report it")
     plain.eval()
     images = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))

@@ -26,11 +26,11 @@ import yaml
 
 from cakd.detection.published import COLUMNS, METRIC, TABLE4
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.figures import pyplot, save
 from cakd.train.metrics_file import read_metrics
 from cakd.train.published import PAPER, figure3, figure3_column, published, published_eer
-from cakd.train.tools import DEFAULTS
+from cakd.train.scriptkit import DEFAULTS
 
 METRICS = ("acc1", "acc5", "ema_acc1", "ema_acc5")
 SPOOF_METRICS = ("eer", "auc", "acer", "ema_eer")  # --dataset celeba_spoof runs (Table 4, anti-spoofing)

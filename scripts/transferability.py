@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, Subset
 
 from cakd.train.checkpoints import SourceCheckpoint
 from cakd.train.config import HelpFormatter
-from cakd.train.errors import UserError, run_and_report
+from cakd.train.report import UserError, run_and_report
 from cakd.train.distributed import check_device
-from cakd.train.tools import add_shared_flags, pick, rebuild_distiller, training_crop_val_dataset
+from cakd.train.scriptkit import add_shared_flags, pick, rebuild_distiller, training_crop_val_dataset
 
 PAPER = {"vit_b_16": (0.78, 0.56), "swin_l": (0.73, 0.53)}  # Figure 3(b), ResNet-50 student: CAKD, direct mapping
 

@@ -18,7 +18,7 @@ import cakd
 from conftest import tiny_vit
 from make_celeba_spoof import make_celeba_spoof
 from cakd.train import main
-from cakd.train.celeba_spoof import CelebASpoof, box_path
+from cakd.train.data.celeba_spoof import CelebASpoof, box_path
 from cakd.train.spoof_metrics import SpoofScores, antispoof_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import cakd
-from cakd.checkpoint import save_atomic
+from cakd.weights import save_atomic
 from conftest import tiny_vit
 
 

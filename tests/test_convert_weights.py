@@ -16,7 +16,7 @@ import torch
 from torchvision.models import VisionTransformer
 from torchvision.models.swin_transformer import SwinTransformer
 
-import cakd.models
+import cakd.zoo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("scripts_convert_weights", os.path.join(ROOT, "scripts", "convert_weights.py"))
@@ -80,11 +80,11 @@ def test_deit_gives_timm_logits():
 
 @pytest.mark.parametrize("arch, layout", [("deit_b", "timm"), ("swin_l", "timm"), ("swin_l", "official")])
 def test_full_size_keys_and_shapes(arch, layout):
-    """The released sizes map onto cakd.models.deit_b / swin_l key for key, shape for shape."""
+    """The released sizes map onto cakd.teachers.vit.deit_b / cakd.teachers.swin.swin_l key for key, shape for shape."""
     name = {"deit_b": "deit_base_patch16_224", "swin_l": "swin_large_patch4_window7_224"}[arch]
     with torch.device("meta"):
         source = timm.create_model(name, pretrained=False)
-        target = getattr(cakd.models, arch)()
+        target = cakd.zoo.own_builders()[arch]()
     if arch == "deit_b":
         converted = convert.deit_to_torchvision(source.state_dict())
     else:

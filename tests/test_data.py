@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torchvision.datasets import FakeData
 from torchvision.transforms import v2
 
-from cakd.models import IMAGENET_MEAN
+from cakd.students import IMAGENET_MEAN
 from cakd.train.data import (
     ClassificationPresetEval,
     ClassificationPresetTrain,

@@ -18,7 +18,7 @@ import torchvision
 pytest.importorskip("pycocotools")
 from pycocotools.coco import COCO  # noqa: E402
 
-from cakd.checkpoint import export_student, save_atomic  # noqa: E402
+from cakd.weights import export_student, save_atomic  # noqa: E402
 from cakd.detection import models as det_models  # noqa: E402
 from cakd.detection.coco_eval import evaluate_detections, to_coco  # noqa: E402
 from cakd.detection.shapes import make_shapes  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import cakd
-from cakd.models import load_torchvision_weights
+from cakd.weights import load_torchvision_weights
 from test_train import ROOT, run_main
 
 
@@ -270,7 +270,7 @@ def test_torch_writers_full_disk_error_says_so(tmp_path, monkeypatch):
     """torch.save reports a failed write as ``[enforce fail at inline_container.cc:...]``."""
     import errno
 
-    import cakd.checkpoint
+    import cakd.weights
 
     real_fdopen = os.fdopen
 
@@ -293,9 +293,9 @@ def test_torch_writers_full_disk_error_says_so(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    monkeypatch.setattr(cakd.checkpoint.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    monkeypatch.setattr(cakd.weights.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match=r"the write stopped part-way, \d+ MiB free on that disk \(a full disk\?\)"):
-        cakd.checkpoint.save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "checkpoint.pth"))
+        cakd.weights.save_atomic({"w": torch.zeros(10000)}, str(tmp_path / "checkpoint.pth"))
     assert os.listdir(tmp_path) == []
 
 
@@ -332,7 +332,8 @@ def test_summarize_bad_run_files_are_one_line(tmp_path, capsys, config, metrics,
 def test_a_crafted_dataset_cache_cannot_leave_its_folder_or_its_classes(data, tmp_path):
     """A cache entry with a matching fingerprint but a path outside the folder, a path into
     another class's folder, or a label out of range is not used: the folder is listed again."""
-    from cakd.train.data import CACHE_FILE, _image_folder, write_listing_cache
+    from cakd.train.data import write_listing_cache
+    from cakd.train.data.datasets import CACHE_FILE, _image_folder
 
     split = os.path.join(data, "train")
     listed = _image_folder(split, None, cache_dir=str(tmp_path))

@@ -8,9 +8,10 @@ from torchvision.models import SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
 import cakd
-from cakd.models import architecture, student_layout
+from cakd.students import student_layout
+from cakd.zoo import architecture
 from cakd.taps import split_heads
-from cakd.teachers import teacher_taps
+from cakd.teachers.registry import teacher_taps
 from cakd.teachers.swin import SwinTaps, swin_qkv, swin_scores
 from cakd.train.trainer import main
 from conftest import tiny_vit
@@ -92,7 +93,7 @@ def test_tap_rule_picks_the_named_stage_at_full_size(student_name, teacher_name)
 
 
 def test_every_cnn_student_finds_a_stage_for_vit16_and_swin():
-    for name in cakd.models.CNN_STUDENTS:
+    for name in cakd.students.CNN_STUDENTS:
         with torch.device("meta"):
             layout = student_layout(architecture(name), 224, name)
         for grid in (14, 7):

@@ -76,7 +76,7 @@ def test_multiview_changes_about_half_the_samples_and_nothing_else():
     assert torch.equal(generator.eval()(images), images)  # eval: no views
 
 
-MEAN_STD = [torch.tensor(v).view(1, 3, 1, 1) for v in (cakd.models.IMAGENET_MEAN, cakd.models.IMAGENET_STD)]
+MEAN_STD = [torch.tensor(v).view(1, 3, 1, 1) for v in (cakd.students.IMAGENET_MEAN, cakd.students.IMAGENET_STD)]
 
 
 def test_multiview_draws_in_the_documented_order_and_clamps_as_torchvision():

@@ -4,7 +4,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import cakd
-from cakd.models import architecture, check_pair, student_layout, token_grid
+from cakd.students import student_layout
+from cakd.teachers.registry import token_grid
+from cakd.zoo import architecture, check_pair
 from cakd.train.config import get_args_parser
 
 

@@ -236,7 +236,7 @@ def test_disk_full_at_the_save_is_one_line_and_loses_nothing(data, tmp_path, cap
     """No space left while model_0.pth is written: one line, no .tmp-* left, no metrics.jsonl line
     for the unsaved epoch, and no checkpoint.pth that would tell --resume auto the run is done
     without its model_0.pth (it is written after); the rerun writes both."""
-    import cakd.checkpoint
+    import cakd.weights
 
     out = str(tmp_path / "run")
     real_save = torch.save
@@ -245,7 +245,7 @@ def test_disk_full_at_the_save_is_one_line_and_loses_nothing(data, tmp_path, cap
         f.write(b"part of a checkpoint")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cakd.checkpoint.torch, "save", no_space)
+    monkeypatch.setattr(cakd.weights.torch, "save", no_space)
     flags = small_flags("cakd", data, out, epochs=1) + ["--resume", "auto"]
     code, err = run_main(flags, capsys)
     assert code == 1 and err == [
@@ -253,7 +253,7 @@ def test_disk_full_at_the_save_is_one_line_and_loses_nothing(data, tmp_path, cap
         f"in {out}, then rerun with --resume auto; no checkpoint was written yet"
     ]
     assert sorted(name for name in os.listdir(out) if name != "tensorboard") == [".lock", "config.yaml"]
-    monkeypatch.setattr(cakd.checkpoint.torch, "save", real_save)
+    monkeypatch.setattr(cakd.weights.torch, "save", real_save)
     assert main(flags) == 0
     assert {"model_0.pth", "checkpoint.pth", "metrics.jsonl"} <= set(os.listdir(out))
 

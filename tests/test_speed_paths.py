@@ -195,7 +195,7 @@ def test_auto_fold_at_full_size_equals_never():
 def test_teacher_fold_follows_the_teacher_weights(setup):
     """The teacher's folded in_proj (biases included) is cached per weight tensor and version: after
     an in-place load and after ``.double()`` the maps still equal the unfolded ones."""
-    from cakd.taps import teacher_taps
+    from cakd.teachers.registry import teacher_taps
 
     _, teacher, images, _ = setup
     teacher = copy.deepcopy(teacher)
@@ -250,7 +250,7 @@ def test_zero_lambda_step_is_the_plain_step(setup):
 def test_profile_matches_backward_to_its_range():
     """``part_times`` counts the backward of the ops run inside a range (the Linear's) in that
     range, and not the backward of ops run outside it (the loss's)."""
-    from benchmark import part_times
+    from bench.profiling import part_times
     from torch.profiler import profile, record_function
 
     layer = torch.nn.Linear(256, 256)

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import cakd
-import cakd.models
-import cakd.teachers
-from cakd.teachers import TEACHERS, build_teacher, check_pair, check_teacher_input, family_of, teacher_taps, token_grid
+import cakd.students
+import cakd.teachers.registry
+import cakd.zoo
+from cakd.teachers.registry import TEACHERS, check_teacher_input, family_of, teacher_taps, token_grid
+from cakd.zoo import build_teacher, check_pair
 
 # the names the issue gives the built-in families, in the order --teacher lists them
 BUILT_IN = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b",
@@ -20,7 +22,7 @@ BUILT_IN = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b"
 PLUGIN = '''
 from torchvision.models import VisionTransformer
 
-from cakd.teachers import register_teacher_family
+from cakd.teachers.registry import register_teacher_family
 from cakd.teachers.base import TeacherFamily
 from cakd.teachers.vit import ViTTaps, vit_grid
 
@@ -55,7 +57,7 @@ class TinyViTFamily(TeacherFamily):
 def plugin(tmp_path, monkeypatch):
     """The plug-in module imported from a folder outside the package; the registry (and so
     TEACHERS) is as before once the test ends."""
-    monkeypatch.setattr(cakd.teachers, "REGISTRY", dict(cakd.teachers.REGISTRY))
+    monkeypatch.setattr(cakd.teachers.registry, "REGISTRY", dict(cakd.teachers.registry.REGISTRY))
     (tmp_path / "my_teachers.py").write_text(textwrap.dedent(PLUGIN))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield importlib.import_module("my_teachers")
@@ -64,23 +66,23 @@ def plugin(tmp_path, monkeypatch):
 
 def test_built_in_names_and_families():
     assert tuple(TEACHERS) == BUILT_IN
-    assert cakd.models.TEACHERS is TEACHERS and cakd.models.STUDENTS == cakd.models.CNN_STUDENTS + BUILT_IN
+    assert cakd.zoo.student_names() == cakd.students.CNN_STUDENTS + BUILT_IN
     for name in BUILT_IN:
         with torch.device("meta"):
-            model = cakd.models.architecture(name)
+            model = cakd.zoo.architecture(name)
         assert family_of(model) is family_of(name) and name in family_of(name).names, name
     assert family_of("vit_b_16") is family_of("deit_b") is not family_of("swin_l") is family_of("swin_v2_b")
     assert family_of("resnet50") is None and family_of(cakd.build_student("resnet18")) is None
 
 
 def test_a_plugin_family_builds_teachers_and_taps(plugin, tmp_path):
-    assert TEACHERS[-1] == "tiny_vit_s16" and "tiny_vit_s16" in cakd.models.STUDENTS
+    assert TEACHERS[-1] == "tiny_vit_s16" and "tiny_vit_s16" in cakd.zoo.student_names()
     torch.manual_seed(0)
     teacher = build_teacher("tiny_vit_s16", weights="none", image_size=64, num_classes=10)
     assert isinstance(teacher, plugin.TinyViT) and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
     assert isinstance(family_of(teacher), plugin.TinyViTFamily)
-    assert not isinstance(family_of(cakd.models.architecture("vit_b_32", image_size=64)), plugin.TinyViTFamily)
+    assert not isinstance(family_of(cakd.zoo.architecture("vit_b_32", image_size=64)), plugin.TinyViTFamily)
     assert token_grid(teacher, 64) == 4
     check_pair("resnet18", "tiny_vit_s16", 64)  # 4x4 tokens: resnet18's layer3 at 64
     with pytest.raises(ValueError, match="image size 72 is not a multiple of tiny_vit_s16's patch size 16"):
@@ -124,7 +126,7 @@ def test_a_plugin_family_builds_teachers_and_taps(plugin, tmp_path):
 
 def test_a_name_is_registered_once(plugin):
     with pytest.raises(ValueError, match="teacher tiny_vit_s16 is already registered: give TinyViTFamily other names"):
-        cakd.teachers.register_teacher_family(plugin.TinyViTFamily)
+        cakd.teachers.registry.register_teacher_family(plugin.TinyViTFamily)
 
 
 @pytest.mark.parametrize(

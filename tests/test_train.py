@@ -12,7 +12,7 @@ import torch
 
 from make_image_folder import make_image_folder
 from cakd.train import main
-from cakd.train.resume import finished
+from cakd.train.checkpoints import finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

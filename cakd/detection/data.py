@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torchvision.transforms import v2
 
 from ..train.data import DataError, ShardSampler
-from ..train.errors import UserError
+from ..train.report import UserError
 from ..train.seeds import SeededCollate, SeededDataset, SeededSampler
 from ..train.signals import worker_init
 

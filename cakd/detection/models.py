@@ -13,10 +13,10 @@ from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..checkpoint import load_strict
-from ..models import no_weights
+from ..weights import load_strict
+from ..zoo import no_weights
 from ..train.checkpoints import CheckpointError, SourceCheckpoint
-from ..train.errors import UserError
+from ..train.report import UserError
 
 DETECTORS = {"fasterrcnn": FasterRCNN, "maskrcnn": MaskRCNN}
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d")
@@ -63,7 +63,7 @@ def backbone_state(weights, backbone):
 
 def load_backbone(detector, state, what):
     """Load a classification state dict into ``detector``'s body strictly (its classifier keys
-    dropped): a missing or unexpected key is one :class:`~cakd.checkpoint.StateMismatch` line."""
+    dropped): a missing or unexpected key is one :class:`~cakd.weights.StateMismatch` line."""
     body = detector.backbone.body
     state = {key: value for key, value in state.items() if key not in CLASSIFIER}
     load_strict(body, state, f"--backbone-weights {what} does not fit the detector's backbone",

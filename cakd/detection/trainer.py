@@ -14,7 +14,7 @@ from ..train import process
 from ..train.checkpoints import CheckpointError, capture_rng_state, next_position, read, restore_rng
 from ..train.config import save_config, saved_args
 from ..train.data import DataError
-from ..train.errors import UserError, one_line
+from ..train.report import UserError, one_line
 from ..train.logging import TensorBoard, print_main
 from ..train.metrics_file import drop_metrics_from, metrics_record
 from ..train.optim import build_optimizer, parameter_groups

@@ -20,11 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..checkpoint import load_reference_state_dict
-from ..models import head_name, num_classes_of
-from ..projectors import PartialCrossAttentionProjector
+from ..weights import load_reference_state_dict
+from ..students import head_name, num_classes_of
 from ..taps import StudentTaps, profiled
-from ..teachers import teacher_taps
+from ..teachers.registry import teacher_taps
 
 DISTILLERS = {}  # recipe name -> Distiller subclass, filled by register_distiller
 
@@ -118,7 +117,7 @@ class StudentWithProjectors(nn.Module):
     (paper's, which also reads the teacher's q, k, v from ``teacher``), ``student_tokens`` (the
     tapped stage's own tokens h_S), ``patch_tokens`` (h'_S) and ``cls_token``. Projectors that
     are None are skipped. ``grid``: the teacher's token grid, to which a tapped map of another
-    size (a student of ``models.RESIZED_TO_GRID``) is resized, bilinearly, before the projectors.
+    size (a student of ``students.RESIZED_TO_GRID``) is resized, bilinearly, before the projectors.
     """
 
     def __init__(self, student, stage=None, pca_proj=None, gl_proj=None, cls_proj=None, grid=None):
@@ -157,10 +156,8 @@ class StudentWithProjectors(nn.Module):
         out = {}
         tokens = feature.flatten(2).transpose(1, 2)
         with profiled("cakd.attention_projector"):
-            if isinstance(self.pca_proj, PartialCrossAttentionProjector):
-                out.update(self.pca_proj(feature, teacher))
-            elif self.pca_proj is not None:
-                out["attn_qk"], out["attn_vv"] = self.pca_proj(tokens)
+            if self.pca_proj is not None:
+                out.update(self.pca_proj.outputs(feature, tokens, teacher))  # each projector says what it reads
         out["student_tokens"] = tokens  # h_S, before the group-wise projector
         with profiled("cakd.groupwise_projector"):
             out["patch_tokens"] = self.gl_proj(tokens)

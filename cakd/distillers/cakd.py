@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from ..discriminator import PatchGAN, TokenMLP, call_with_snapshot, gan_loss
-from ..models import CNN_STUDENTS, student_layout
+from ..students import CNN_STUDENTS, student_layout
 from ..multiview import MultiViewGenerator
 from ..projectors import AttentionProjector, GroupwiseLinearProjector, PartialCrossAttentionProjector
 from ..taps import profiled
-from ..teachers import check_pair, family_of, teacher_taps
+from ..teachers.registry import family_of, teacher_taps
+from ..zoo import check_pair
 from .base import Distiller, StudentWithProjectors, check_classes, mse, register_distiller, relative_mse
 from .logits import LogitsConfig
 

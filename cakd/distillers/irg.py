@@ -8,9 +8,9 @@ import torch
 from torchvision.models import Inception3, SwinTransformer, VisionTransformer
 
 from ..losses import irg_loss
-from ..models import student_layout
+from ..students import student_layout
 from ..taps import FeatureTaps
-from ..teachers import teacher_taps
+from ..teachers.registry import teacher_taps
 from .base import BaselineConfig, Distiller, check_classes, register_distiller
 from .rkd import StudentFeatures
 

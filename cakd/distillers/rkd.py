@@ -3,9 +3,9 @@
 from dataclasses import dataclass
 
 from ..losses import rkd_loss
-from ..models import head_name
+from ..students import head_name
 from ..taps import FeatureTaps
-from ..teachers import teacher_taps
+from ..teachers.registry import teacher_taps
 from .base import BaselineConfig, Distiller, StudentWithProjectors, register_distiller
 
 

@@ -1,11 +1,11 @@
-"""What a teacher family provides, written down once: the registry (``cakd.teachers``), the
+"""What a teacher family provides, written down once: the registry (``cakd.teachers.registry``), the
 distillers and the trainer ask a family these things and nothing else, so a new family (in
 this package or in a user's plug-in module) is one subclass of :class:`TeacherFamily`."""
 from torch import nn
 
 
 class TeacherTaps:
-    """What :func:`cakd.teachers.teacher_taps` returns: hooks on an unmodified teacher that
+    """What :func:`cakd.teachers.registry.teacher_taps` returns: hooks on an unmodified teacher that
     read, in the one forward the logits take, what the distillers compare.
 
     Attributes:
@@ -50,15 +50,15 @@ class TeacherFamily:
     """A family of teachers sharing one model class, one grid rule and one kind of taps.
 
     Subclass it, set the class attributes, implement the methods, and decorate the class with
-    :func:`cakd.teachers.register_teacher_family`; the names then work wherever a teacher name
+    :func:`cakd.teachers.registry.register_teacher_family`; the names then work wherever a teacher name
     does (``--teacher``, :func:`cakd.build_teacher`, a fine-tuned teacher as ``--model``).
-    Weights are read by name the same way for every family (``cakd.models.load_state_dict``):
+    Weights are read by name the same way for every family (``cakd.zoo.load_state_dict``):
     None or ``"none"`` (random), a torchvision weights-enum member of the name, or a local
     ``.pth`` state dict.
     """
 
     model_class: type = nn.Module
-    """The class its teachers are instances of: how :func:`cakd.teachers.family_of` tells a
+    """The class its teachers are instances of: how :func:`cakd.teachers.registry.family_of` tells a
     built model's family (the family of the nearest class in the model's MRO wins)."""
     names: tuple = ()
     """Its teacher names, in the order ``--teacher`` lists them; none may be another family's."""

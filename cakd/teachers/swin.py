@@ -14,8 +14,8 @@ from torch.func import functional_call
 from torchvision.models import SwinTransformer
 
 from ..taps import FeatureTaps, head_mean_scores, module_name, profiled, split_heads, value_maps
-from . import register_teacher_family
 from .base import TeacherFamily, TeacherTaps
+from .registry import register_teacher_family
 
 
 def swin_l(num_classes: int = 1000, **kwargs) -> SwinTransformer:

@@ -13,8 +13,8 @@ from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import interpolate_embeddings
 
 from ..taps import FeatureTaps, attention_output, folded_scores, head_mean_scores, module_name, profiled, value_maps
-from . import register_teacher_family
 from .base import TeacherFamily, TeacherTaps
+from .registry import register_teacher_family
 
 
 def deit_b(num_classes: int = 1000, image_size: int = 224, **kwargs) -> VisionTransformer:

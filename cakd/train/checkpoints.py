@@ -2,7 +2,7 @@
 back, reading and checking the file, and the other kinds of file the scripts take (a
 released-code checkpoint, a plain student state dict): :class:`SourceCheckpoint`.
 
-The trainer, :mod:`resume` and every script go through this module. ``cakd/checkpoint.py``
+The trainer, :mod:`resume` and every script go through this module. ``cakd/weights.py``
 (the method) converts and exports weights; this is the training system's file around them.
 Its keys and their format stay as they are: a checkpoint of an earlier version resumes
 (``tests/test_old_checkpoint.py``).
@@ -18,9 +18,9 @@ import zipfile
 import numpy as np
 import torch
 
-from ..checkpoint import _strip_prefix, load_error, split_reference_state_dict
+from ..weights import load_error, split_reference_state_dict, strip_prefix
 from ..errors import CakdError
-from .errors import one_line
+from .report import one_line
 
 # A run's parts, each saved as its state dict (None where the run has no such part): the
 # student, its projectors, the discriminator, both optimizers and schedules, the AMP scaler, the EMA.
@@ -237,4 +237,4 @@ def _is_state_dict(obj):
 
 def _unwrap_ema(state):
     """An ``AveragedModel`` state dict (``n_averaged`` plus ``module.*``) as the module's own."""
-    return _strip_prefix({k: v for k, v in state.items() if k != "n_averaged"})
+    return strip_prefix({k: v for k, v in state.items() if k != "n_averaged"})

@@ -17,12 +17,12 @@ import sys
 import torch
 import yaml
 
-from ..checkpoint import write_text_atomic
+from ..weights import write_text_atomic
 from ..corruptions import VIEW_PROTOCOLS
 from ..distillers import DISTILLERS, config_choices
-from ..models import student_names
-from ..teachers import TEACHERS
-from .errors import first_to_report
+from ..zoo import student_names
+from ..teachers.registry import TEACHERS
+from .report import first_to_report
 from .optim import SCHEDULERS
 from .plugins import PluginError, load_plugins, plugins_in
 

@@ -6,7 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .report import UserError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import torch
 
-from .errors import UserError
+from .report import UserError
 
 
 def pyplot():

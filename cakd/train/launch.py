@@ -6,7 +6,7 @@ them and exits 1 with a traceback. Here torchrun is told to leave SIGTERM alone
 step, save and exit 0, so torchrun sees a successful run and the launcher exits 0. A rank that is
 still starting gets it once its handler is in place, not before (it would die of it).
 
-When a rank fails it has printed the run's one ``error:`` line (``cakd.train.errors``); the
+When a rank fails it has printed the run's one ``error:`` line (``cakd.train.report``); the
 launcher exits with that rank's status, without torchrun's traceback and log lines.
 """
 import importlib

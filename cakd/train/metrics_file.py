@@ -5,8 +5,8 @@ earlier version's in-place append could leave."""
 import json
 import os
 
-from ..checkpoint import write_text_atomic
-from .errors import UserError, one_line
+from ..weights import write_text_atomic
+from .report import UserError, one_line
 from .logging import print_main
 
 

@@ -14,8 +14,10 @@ import sys
 
 import yaml
 
+from ..errors import CakdError
 
-class PluginError(Exception):
+
+class PluginError(CakdError):
     """A plug-in that cannot be imported; the message says which and why, in one line."""
 
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from . import distributed as dist_utils
-from .errors import UserError, first_to_report, one_line, print_error, run_and_report
+from .report import UserError, first_to_report, one_line, print_error, run_and_report
 from .logging import print_main
 from .rundir import RunFolder, on_output_dir
 from .signals import StopRequest

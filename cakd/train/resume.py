@@ -4,9 +4,8 @@ saved, before anything is written). The checkpoint itself is read and loaded by 
 import os
 
 from . import distributed as dist_utils
-from .checkpoints import finished  # noqa: F401 (its old home: experiment scripts copied before it moved import it from here)
 from .checkpoints import read
-from .errors import UserError
+from .report import UserError
 from .logging import print_main
 
 

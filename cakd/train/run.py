@@ -12,13 +12,13 @@ from torch.nn import functional as F
 
 from . import distributed as dist_utils
 from ..distillers import BaselineDistiller, StudentWithProjectors, build_distiller, distiller_class
-from ..models import build_student, no_weights
-from ..teachers import build_teacher, check_teacher_input
+from ..teachers.registry import check_teacher_input
+from ..zoo import build_student, build_teacher, no_weights
 from .config import amp_dtype, distiller_overrides, saved_args
 from .checkpoints import LEARNED, UNEVALUATED, Parts, capture_rng_state, next_position, read, restore_rng
 from .data import build_datasets, build_loaders
 from .engine import EpochOptions, evaluate, evaluate_views, train_one_epoch, unlearned_parameters
-from .errors import UserError
+from .report import UserError
 from .figures import map_grid
 from .logging import TensorBoard, print_main
 from .optim import ExponentialMovingAverage, build_optimizer, build_scheduler, ema_decay, parameter_groups, scale_lr

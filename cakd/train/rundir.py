@@ -7,7 +7,7 @@ The lock is taken before the run's checks (data, teacher file, crop, resume), so
 is told at once; nothing else is written until they pass (:meth:`RunFolder.start`), and a start
 that fails removes the lock file it made (or puts back the holder line it replaced). Under the
 lock no one else writes here, so the ``.tmp-*`` files of a save cut short (the names
-:func:`cakd.checkpoint._replacing` gives) are leftovers to remove. A fresh start over a
+:func:`cakd.weights._replacing` gives) are leftovers to remove. A fresh start over a
 ``checkpoint.pth`` would overwrite it: it is refused unless ``--start-over`` asks for it, which
 moves the old run's files aside, never deletes them.
 """
@@ -19,11 +19,11 @@ import re
 import socket
 
 from . import distributed as dist_utils
-from .errors import UserError, one_line
+from .report import UserError, one_line
 
 LOCK_FILE = ".lock"
 RUN_FILES = ("checkpoint.pth", "config.yaml", "metrics.jsonl", "dataset_cache.json", "tensorboard")
-LEFTOVER = re.compile(r"\.tmp-[a-z0-9_]{8}\.(pth|txt)")  # tempfile.mkstemp(prefix=".tmp-", suffix=...) in cakd.checkpoint
+LEFTOVER = re.compile(r"\.tmp-[a-z0-9_]{8}\.(pth|txt)")  # tempfile.mkstemp(prefix=".tmp-", suffix=...) in cakd.weights
 
 
 class Lock:

@@ -12,9 +12,9 @@ import os
 import torch
 
 from . import distributed as dist_utils
-from ..checkpoint import save_atomic, stage_text
+from ..weights import save_atomic, stage_text
 from .engine import TrainingError
-from .errors import UserError, one_line
+from .report import UserError, one_line
 from .metrics_file import metrics_text, read_metrics
 
 

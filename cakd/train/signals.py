@@ -13,7 +13,7 @@ import signal
 import threading
 
 from .distributed import host_any
-from .errors import UserError, print_error
+from .report import UserError, print_error
 
 # set by the launcher once it has been told to stop: ranks it starts afterwards (a restart) stop too
 STOP_ENV = "CAKD_STOP_REQUESTED"

@@ -1,6 +1,8 @@
 """Weights in and out: import of the released code's checkpoint layout, export of a plain
-torchvision student, and atomic saving."""
+torchvision student, strict loading told in one line, atomic saving, and torchvision's
+weights files read from torch's hub cache with their hash checked."""
 import contextlib
+import hashlib
 import os
 import pickle
 import re
@@ -15,7 +17,8 @@ _GL_KEY = re.compile(r"gl_proj\.layers\.fc_layer_(\d+)\.(weight|bias)$")
 _PROJECTOR_PREFIXES = ("pca_proj.", "gl_proj.", "cls_proj.")
 
 
-def _strip_prefix(state_dict, prefix="module."):
+def strip_prefix(state_dict, prefix="module."):
+    """``state_dict`` without ``prefix`` (DDP's ``module.``) when every key has it; a copy as it is otherwise."""
     if all(key.startswith(prefix) for key in state_dict):
         return {key[len(prefix) :]: value for key, value in state_dict.items()}
     return dict(state_dict)
@@ -28,7 +31,7 @@ def split_reference_state_dict(state_dict):
     the projector keys renamed to ``StudentWithProjectors`` (the 16 group Linears stacked
     into ``gl_proj.weight`` / ``gl_proj.bias``; the never-used ``pca_proj.to_out`` dropped).
     """
-    state_dict = _strip_prefix(state_dict)
+    state_dict = strip_prefix(state_dict)
     student = {k: v for k, v in state_dict.items() if not k.startswith(_PROJECTOR_PREFIXES)}
     projectors = {}
     groups = {}
@@ -81,7 +84,7 @@ def load_reference_state_dict(distiller, state_dict, discriminator_state_dict=No
     if discriminator_state_dict is not None:
         if distiller.discriminator is None:
             raise ValueError("a discriminator state was given but this recipe has no discriminator")
-        load_strict(distiller.discriminator, _strip_prefix(discriminator_state_dict), "the discriminator does not fit", "check disc_form")
+        load_strict(distiller.discriminator, strip_prefix(discriminator_state_dict), "the discriminator does not fit", "check disc_form")
 
 
 def export_student(model):
@@ -166,3 +169,41 @@ def load_error(error):
         return f"it holds objects other than tensors, not loaded since that could run code: {detail}"
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"  # whole: a cut word misleads
+
+
+def load_torchvision_weights(name: str, weights: str, url: str, progress: bool = True) -> dict:
+    """A torchvision weights file from torch's hub cache (downloaded there once), read with
+    ``weights_only=True`` after its SHA-256 is checked against the prefix its name carries.
+
+    torchvision's own ``get_state_dict`` checks the hash only on download and unpickles a
+    cached file with ``weights_only=False``: a file placed in the cache could run code."""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    found = re.search(torch.hub.HASH_REGEX, os.path.basename(url))
+    prefix = found.group(1) if found else None
+    if not os.path.isfile(target):
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            torch.hub.download_url_to_file(url, target, hash_prefix=prefix, progress=progress)
+        except Exception as error:  # URLError, socket errors, hash mismatch: all mean "no usable file"
+            raise RuntimeError(
+                f"could not download {name} {weights} weights from {url} ({type(error).__name__}: {error}); "
+                f"offline, put that file at {target} or pass a local .pth path as the weights"
+            ) from None
+    if prefix and not sha256_of(target).startswith(prefix):
+        raise ValueError(
+            f"{target} is not the {name} {weights} file: its SHA-256 does not start with {prefix}, as its name says; "
+            "delete it (it is downloaded again) or put the file from " + url + " there"
+        )
+    try:
+        return torch.load(target, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{target} cannot be read ({load_error(error)}): delete it, it is downloaded again") from None
+
+
+def sha256_of(path: str) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

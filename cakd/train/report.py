@@ -1,5 +1,5 @@
-"""Bad input ends with one line: what is wrong and what to do, on stderr, exit status 1
-(:func:`run_and_report`, around the trainer and every script).
+"""The reporting convention: bad input ends with one line, what is wrong and what to do, on
+stderr, exit status 1 (:func:`run_and_report`, around the trainer and every script).
 
 Under torchrun the line is said once per run, not once per rank: the first process to fail
 claims it in the agent's store (``first_to_report``); the others exit quietly with the same status.

@@ -13,9 +13,9 @@ before the transforms, as the data set's authors do.
 import json
 import os
 
-import torch.distributed as dist
 
-from .data import DataError, check_images, load_image
+from ..distributed import get_rank, get_world_size
+from .images import DataError, check_images, load_image
 
 CLASSES = ("live", "spoof")
 LABEL_FILES = {"train": "metas/intra_test/train_label.json", "test": "metas/intra_test/test_label.json"}
@@ -111,15 +111,14 @@ class CelebASpoof:
 def check_boxes(dataset):
     """Read the box of each image of this rank's test shard (``ShardSampler``'s share), so that a
     bad box file stops the run before the first epoch, not after it (its training unsaved)."""
-    initialized = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    rank, world_size = get_rank(), get_world_size()
     for path, _ in dataset.samples[rank::world_size]:
         read_box(box_path(path))
 
 
 def celeba_spoof(root, train_transform, val_transform):
     """``(train, test)`` datasets of CelebA-Spoof's intra-test protocol under ``root``; the test
-    images' headers and boxes are read now (:func:`data.check_images`, :func:`check_boxes`)."""
+    images' headers and boxes are read now (:func:`images.check_images`, :func:`check_boxes`)."""
     if not os.path.isdir(root or ""):
         raise DataError(f"data path {root} is not a folder: {LAYOUT}")
     train, test = CelebASpoof(root, "train", train_transform), CelebASpoof(root, "test", val_transform)

@@ -1,23 +1,27 @@
-"""What the scripts around a run share (``scripts/*.py``): their common flags, declared once;
+"""The scripts' kit, what the scripts around a run share (``scripts/*.py``): their common flags, declared once;
 "whatever the user points at" (:class:`checkpoints.SourceCheckpoint`) as a student, its EMA, its
 projectors or its teacher; the validation folder with the recipe's eval preset. Each script's
-``main`` is ``run_and_report(run, parser.parse_args(argv))`` (:func:`errors.run_and_report`).
+``main`` is ``run_and_report(run, parser.parse_args(argv))`` (:func:`report.run_and_report`).
 """
 import os
 
 import torch
 from torchvision.transforms import InterpolationMode
 
-from ..checkpoint import load_strict
+from ..weights import load_strict
 from ..distillers import build_distiller
-from ..models import CNN_STUDENTS, STUDENTS, architecture, build_student, build_teacher, classifier_key, no_weights, num_classes_of
-from .config import distiller_option_fields
+from ..students import CNN_STUDENTS, classifier_key, num_classes_of
+from ..zoo import architecture, build_student, build_teacher, no_weights, student_names
+from .config import distiller_option_fields, get_args_parser
 from .data import ClassificationPresetEval, DataError, ImageFolder, check_data_path
-from .errors import UserError, one_line
+from .report import UserError, one_line
 
-# The eval preset of the three recipes (configs/*.yaml), for files that carry no flags.
+# The eval preset of the three recipes (configs/*.yaml, not the parser's --val-resize-size 256),
+# for files that carry no flags.
 RECIPE_EVAL = {"val_resize_size": 224, "val_crop_size": 224, "interpolation": "bilinear"}
-DEFAULTS = {"model": "resnet50", "teacher": "vit_b_16", "teacher_weights": "IMAGENET1K_V1", "batch_size": 32, "seed": 0, "train_crop_size": 224}
+# The trainer's defaults for what a file does not say, read from its parser: written once, there.
+DEFAULTS = {name: get_args_parser().get_default(name) for name in
+            ("model", "teacher", "teacher_weights", "batch_size", "seed", "train_crop_size", "print_freq", "eval_views_protocol")}
 
 # The flags the scripts share: one spelling, alias, default and meaning everywhere. A value left
 # out is the run's (the flag saved in the checkpoint), else the recipes' (:func:`pick`).
@@ -64,8 +68,8 @@ def load_student(checkpoint, which="student", model=None):
     """
     state = checkpoint.student_state(which)
     arch = student_arch(checkpoint, model, state)
-    if arch not in STUDENTS:
-        raise UserError(f"unknown student {arch!r}: choose one of {', '.join(STUDENTS)}")
+    if arch not in student_names():
+        raise UserError(f"unknown student {arch!r}: choose one of {', '.join(student_names())}")
     with torch.device("meta"):
         head = classifier_key(architecture(arch)) + ".weight"
     if head not in state:
