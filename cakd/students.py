@@ -49,14 +49,21 @@ class DoubleBottleneck(Bottleneck):
 def resnet50x2(num_classes: int = 1000) -> ResNet:
     """ResNet-50 with every width doubled, the CAKD paper's ResNet50x2 (as in SimCLR): stem
     128, inner widths 128/256/512/1024, stage outputs 512/1024/2048/4096; 16.1 G multiply-adds
-    at 224 by torch's count (the paper: 15.9), 98.0 M parameters. Not ``wide_resnet50_2``, which doubles the inner width only. Built from
-    torchvision's ResNet and Bottleneck; its stem is hard-wired to 64 channels, so the stem and
-    ``layer1`` (which reads it) are rebuilt at 128 and initialised as torchvision does."""
-    model = ResNet(DoubleBottleneck, [3, 4, 6, 3], num_classes=num_classes, width_per_group=128)
+    at 224 by torch's count (the paper: 15.9), 98.0 M parameters. Not ``wide_resnet50_2``, which
+    doubles the inner width only (:func:`resnet_x2`)."""
+    return resnet_x2([3, 4, 6, 3], num_classes)
+
+
+def resnet_x2(layers, num_classes: int = 1000, cls=ResNet) -> ResNet:
+    """A bottleneck ResNet of ``layers`` blocks a stage with every width doubled, as an instance
+    of ``cls`` (torchvision's ResNet or a subclass). Built from torchvision's ResNet and
+    Bottleneck; its stem is hard-wired to 64 channels, so the stem and ``layer1`` (which reads it)
+    are rebuilt at 128 and initialised as torchvision does."""
+    model = cls(DoubleBottleneck, layers, num_classes=num_classes, width_per_group=128)
     model.conv1 = nn.Conv2d(3, 128, kernel_size=7, stride=2, padding=3, bias=False)
     model.bn1 = model._norm_layer(128)
     model.inplanes = 128
-    model.layer1 = model._make_layer(DoubleBottleneck, 64, 3)
+    model.layer1 = model._make_layer(DoubleBottleneck, 64, layers[0])
     for module in (model.conv1, model.bn1, *model.layer1.modules()):
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -16,7 +16,7 @@ from cakd.zoo import build_teacher, check_pair
 
 # the names the issue gives the built-in families, in the order --teacher lists them
 BUILT_IN = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "deit_b",
-            "swin_t", "swin_s", "swin_b", "swin_l", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+            "swin_t", "swin_s", "swin_b", "swin_l", "swin_v2_t", "swin_v2_s", "swin_v2_b", "resnet152x2")
 
 # a user's plug-in: a module of its own that imports cakd.teachers and registers a family
 PLUGIN = '''
@@ -144,5 +144,6 @@ def test_an_unknown_teacher_is_one_error_listing_the_known_ones(call):
 
 
 def test_a_model_of_no_family_has_no_taps():
-    with pytest.raises(TypeError, match="the teacher must be a torchvision VisionTransformer or SwinTransformer, got ResNet"):
+    with pytest.raises(TypeError, match="the teacher must be a torchvision VisionTransformer or SwinTransformer or cakd "
+                                        "WideResNetTeacher, got ResNet"):
         teacher_taps(cakd.build_student("resnet18"), 224)
