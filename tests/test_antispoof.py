@@ -200,6 +200,11 @@ def test_each_table4_cell_has_its_config(student):
         if recipe != "baseline":
             assert (args.teacher, args.teacher_weights) == ("vit_l_16", "runs/celeba_spoof/teacher/checkpoint.pth")
         assert published_eer(recipe, student, args.teacher)[1] == eer
+    args = parse_args(["--config", os.path.join(ROOT, "configs", "celeba_spoof", f"{student}_logits_r152x2.yaml")])
+    assert (args.recipe, args.model, args.teacher, args.teacher_weights) == (
+        "kd", student, "resnet152x2", "runs/celeba_spoof/teacher_r152x2/checkpoint.pth")
+    assert published_eer("kd", student, "resnet152x2") == (
+        "Logits (T = ResNet152x2)", {"resnet18": 1.6, "inception_v3": 1.3, "resnext26": 1.3}[student])
     assert parse_args(["--config", os.path.join(ROOT, "configs", "celeba_spoof", "cakd.yaml")]).pca_form == "paper"
 
 
