@@ -54,31 +54,45 @@ def _train(args, stop, folder=None):
             print_main(f"{args.resume} is a finished run: all {epochs} trained; nothing to do "
                        "(raise --epochs to train on, or evaluate it with --test-only)")
             return {}
-    if not args.test_only:  # the checks passed: from here on the run writes in its folder
-
-        def start(args):
-            aside = folder.start(args)
-            write_listing_cache(*run.datasets)
-            save_config(args, os.path.join(args.output_dir, "config.yaml"))  # what runs
-            return aside
-
-        aside = on_output_dir(args, folder and start)
-        if aside:
-            print_main(f"--start-over: the previous run's files are in {aside}")
-    if args.resume:
-        print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}"
-                   + (f" (epoch {start_epoch - 1} is evaluated first)" if run.unevaluated is not None else ""))
-        if folder is not None and not args.test_only:
-            first = start_epoch - 1 if run.unevaluated is not None else start_epoch
-            drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
-    elif args.test_only and args.weights:
-        run.distiller.student.load_state_dict(_student_weights(args.weights))
-
     if args.test_only:
+        if not args.resume and args.weights:
+            run.distiller.student.load_state_dict(_student_weights(args.weights))
+        elif args.resume:
+            print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
         return run.evaluate()
+    start_writing(run, folder, start_epoch, start_step)
+    return train_epochs(run, stop, start_epoch, start_step)
 
+
+def start_writing(run, folder, start_epoch, start_step):
+    """The run's checks passed: from here on it writes in its folder (:class:`rundir.RunFolder`:
+    the lock, a previous run moved aside, the dataset cache, ``config.yaml``); a resume forgets
+    the ``metrics.jsonl`` lines of the epochs it trains again."""
+    args = run.args
+
+    def start(args):
+        aside = folder.start(args)
+        write_listing_cache(*run.datasets)
+        save_config(args, os.path.join(args.output_dir, "config.yaml"))  # what runs
+        return aside
+
+    aside = on_output_dir(args, folder and start)
+    if aside:
+        print_main(f"--start-over: the previous run's files are in {aside}")
+    if args.resume:
+        print_main(f"resumed from {args.resume}: epoch {start_epoch}, step {start_step}"
+                   + (f" (epoch {start_epoch - 1} is evaluated first)" if run.unevaluated is not None else ""))
+        if folder is not None:
+            first = start_epoch - 1 if run.unevaluated is not None else start_epoch
+            drop_metrics_from(os.path.join(args.output_dir, "metrics.jsonl"), first)
+
+
+def train_epochs(run, stop, start_epoch, start_step):
+    """The epoch loop: train, step the schedules, evaluate, save, until the last epoch or a stop
+    (saved mid-epoch, or at an epoch's end, its evaluation cut short or done)."""
+    args = run.args
     print_main("Start training")
     start_time = time.time()
     results = {}
