@@ -31,13 +31,13 @@ THRESHOLDS = [0.5 + 0.05 * i for i in range(10)]
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return make_shapes(str(tmp_path_factory.mktemp("shapes")), train=48, val=16, size=96, seed=0)
+    return make_shapes(str(tmp_path_factory.mktemp("shapes")), train=48, val=8, size=96, seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A smaller set for the runs whose numbers are compared, not judged."""
-    return make_shapes(str(tmp_path_factory.mktemp("tiny")), train=24, val=4, size=64, seed=1)
+    return make_shapes(str(tmp_path_factory.mktemp("tiny")), train=16, val=4, size=64, seed=1)
 
 
 def small_flags(data, out, detector="fasterrcnn", epochs=1, size=64):
@@ -236,14 +236,14 @@ def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tin
     from test_train import assert_same_state
 
     full, out = str(tmp_path / "full"), str(tmp_path / "out")
-    flags = ["--iters-per-epoch", "0", "--resume", "auto"]  # 24 images / (2 x 2) = 6 steps an epoch
+    flags = ["--iters-per-epoch", "0", "--resume", "auto"]  # 16 images / (2 x 2) = 4 steps an epoch
     code, stdout, stderr = run(launch(small_flags(tiny, full) + flags))
     assert code == 0 and "2 process(es) x 2 images = 4 per step" in stdout, stderr[-3000:]
-    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags), "Epoch: [0] [0/6]",
+    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags), "Epoch: [0] [0/4]",
                                lambda proc: proc.send_signal(signal.SIGTERM))
     assert code == 0 and stderr.strip() == "", stderr[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
-    assert 2 <= step < 6 and f"SIGTERM: saved epoch 0 step {step}" in stdout  # the first check after it: step 1's
+    assert 2 <= step < 4 and f"SIGTERM: saved epoch 0 step {step}" in stdout  # the first check after it: step 1's
     code, stdout, stderr = run(launch(small_flags(tiny, out) + flags))
     assert code == 0 and f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in stdout, stderr[-3000:]
     assert_same_state(torch.load(os.path.join(full, "checkpoint.pth"), weights_only=True),
@@ -253,8 +253,8 @@ def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tin
 
 
 # ---- (b) learning: box AP and mask AP rise well above their first evaluation -------------------
-LEARNING = ["--min-size", "96", "--max-size", "96", "-b", "4", "--epochs", "8", "--lr", "0.01", "--lr-batch", "4",
-            "--clip-grad-norm", "5", "--lr-warmup-iters", "10", "--lr-steps", "6", "--box-batch-size-per-image", "32",
+LEARNING = ["--min-size", "96", "--max-size", "96", "-b", "4", "--epochs", "6", "--lr", "0.01", "--lr-batch", "4",
+            "--clip-grad-norm", "5", "--lr-warmup-iters", "10", "--lr-steps", "5", "--box-batch-size-per-image", "32",
             "--rpn-post-nms-top-n-train", "300", "--rpn-post-nms-top-n-test", "100", "--box-detections-per-img", "10",
             "--print-freq", "100"]
 
@@ -262,7 +262,8 @@ LEARNING = ["--min-size", "96", "--max-size", "96", "-b", "4", "--epochs", "8", 
 @pytest.mark.parametrize("detector,metrics", [("fasterrcnn", ("bbox_AP",)), ("maskrcnn", ("bbox_AP", "segm_AP"))])
 def test_a_detector_learns_the_shapes(detector, metrics, shapes, tmp_path, capsys):
     """A random ResNet-18 FPN backbone (BatchNorm trained, as from scratch) on 48 images of 96 px:
-    after 8 epochs of 12 steps the AP is several times its first evaluation's (after epoch 0)."""
+    after 6 epochs of 12 steps (the lr x0.1 in the last) the AP on 8 validation images is several
+    times its first evaluation's (after epoch 0)."""
     out = str(tmp_path / "out")
     assert main(small_flags(shapes, out, detector) + LEARNING) == 0
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
