@@ -13,24 +13,14 @@ import torch
 
 import cakd
 from cakd.weights import load_torchvision_weights
+from test_run_folder import Payload, hostile_file
 from test_train import ROOT, run_main
 
 
-class Payload:
-    """A pickle that runs ``touch MARKER`` when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def hostile_file(path, marker):
+def hostile_cache_file(path, marker):
+    """A crafted pickle (tests/test_run_folder.py's) where torch's hub cache keeps a download."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"heads.head.weight": Payload(marker)}, f, protocol=2)
-    return path
+    return hostile_file(path, marker)
 
 
 def test_a_crafted_file_in_the_hub_cache_is_refused_by_its_hash(monkeypatch, tmp_path):
@@ -38,7 +28,7 @@ def test_a_crafted_file_in_the_hub_cache_is_refused_by_its_hash(monkeypatch, tmp
     before it is unpickled, and its payload never runs."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     marker = tmp_path / "ran"
-    cached = hostile_file(str(tmp_path / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"), marker)
+    cached = hostile_cache_file(str(tmp_path / "hub" / "checkpoints" / "vit_b_16-c867db91.pth"), marker)
     with pytest.raises(ValueError, match=rf"{cached} is not the vit_b_16 IMAGENET1K_V1 file: its SHA-256 does not start with c867db91"):
         cakd.build_teacher("vit_b_16", weights="IMAGENET1K_V1")
     assert not marker.exists()
@@ -49,7 +39,7 @@ def test_a_cached_file_whose_hash_matches_is_still_read_weights_only(monkeypatch
     ``weights_only=True``: its payload is refused in one line, not run."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     marker = tmp_path / "ran"
-    staged = hostile_file(str(tmp_path / "staged.pth"), marker)
+    staged = hostile_cache_file(str(tmp_path / "staged.pth"), marker)
     digest = hashlib.sha256(open(staged, "rb").read()).hexdigest()
     name = f"vit_b_16-{digest[:8]}.pth"
     os.makedirs(tmp_path / "hub" / "checkpoints")
