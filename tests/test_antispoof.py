@@ -292,5 +292,5 @@ def test_inception_v3_refuses_images_below_75_pixels(tmp_path, capsys):
     for recipe in ("baseline", "cakd"):  # cakd: its pair check, before the student is built
         line = one_error_line(capsys, ["--recipe", recipe, "--model", "inception_v3", "--teacher", "vit_b_16", "--teacher-weights",
                                        "none", "--train-crop-size", "64", "--dataset", "synthetic", "--synthetic-size", "8",
-                                       "--num-classes", "2", "--device", "cpu", "--output-dir", str(tmp_path / recipe)])
+                                       "--num-classes", "2", "--device", "cpu", "--workers", "0", "--output-dir", str(tmp_path / recipe)])
         assert line == "error: inception_v3 needs images of at least 75x75, not 64: raise the crop size"
