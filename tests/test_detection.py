@@ -184,6 +184,18 @@ def test_help_shows_defaults_and_every_config_parses(capsys):
             assert (args.min_size, args.max_size, args.trainable_backbone_layers, args.frozen_bn) == (800, 1333, 3, True)
 
 
+@pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--momentum", "-0.5"), ("--weight-decay", "-1"),
+                                        ("--lr-warmup-factor", "-0.1"), ("--workers", "-1")])
+def test_a_value_torch_would_refuse_is_one_line_before_anything_is_built(flag, value, capsys):
+    from cakd.detection.config import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args([flag, value])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {flag} {float(value) if flag != '--workers' else value}: ") and last.endswith("; see --help")
+
+
 # ---- the run: config.yaml, metrics.jsonl, TensorBoard, AMP, --test-only ------------------------
 def test_a_bf16_run_writes_its_folder_and_test_only_agrees(tiny, tmp_path, capsys):
     out = str(tmp_path / "out")

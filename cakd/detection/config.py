@@ -3,7 +3,7 @@ with the classification trainer's YAML loading, help formatting and one-line par
 Defaults are the 1x schedule of docs/FIDELITY.md."""
 import sys
 
-from ..train.config import ArgumentParser, HelpFormatter, Switch, _optional_str, load_yaml, optional
+from ..train.config import ArgumentParser, HelpFormatter, Switch, _optional_str, mark_this_command, optional, parse_flags
 from .models import BACKBONES, DETECTORS
 
 
@@ -68,12 +68,20 @@ def get_args_parser():
     return p
 
 
+# values that cannot mean what they say: (flag, test, what to give instead)
 REFUSED = (
-    ("print_freq", lambda v: v < 1, "it must be 1 or more (iterations between progress lines)"),
-    ("batch_size", lambda v: v < 1, "it must be 1 or more (images per process)"),
-    ("checkpoint_freq", lambda v: v < 1, "it must be 1 or more (epochs between kept model_{epoch}.pth files)"),
-    ("clip_grad_norm", lambda v: v is not None and v <= 0, "give a norm above 0, or none for no clipping"),
-    ("lr_batch", lambda v: v < 1, "it must be 1 or more (images per step)"),
+    ("--print-freq", lambda v: v < 1, "it must be 1 or more (iterations between progress lines)"),
+    ("--batch-size", lambda v: v < 1, "it must be 1 or more (images per process)"),
+    ("--workers", lambda v: v < 0, "it must be 0 or more (0: load the data in the training process)"),
+    ("--checkpoint-freq", lambda v: v < 1, "it must be 1 or more (epochs between kept model_{epoch}.pth files)"),
+    ("--clip-grad-norm", lambda v: v <= 0, "give a norm above 0, or none for no clipping"),
+    ("--lr-batch", lambda v: v < 1, "it must be 1 or more (images per step)"),
+    ("--iters-per-epoch", lambda v: v < 0, "it must be 0 or more (0: the whole epoch)"),
+    # what torch.optim refuses only once the detector is built, said before
+    ("--lr", lambda v: v < 0, "a learning rate cannot be negative; give 0 or more"),
+    ("--momentum", lambda v: v < 0, "a momentum cannot be negative; give 0 or more (0.9: the 1x schedule's)"),
+    ("--weight-decay", lambda v: v < 0, "a weight decay cannot be negative; give 0 or more"),
+    ("--lr-warmup-factor", lambda v: v < 0, "the warmup's first lr over --lr cannot be negative; give 0 or more (0.001: the 1x schedule's)"),
 )
 
 
@@ -84,22 +92,10 @@ def parse_args(argv=None):
     if "-h" in argv or "--help" in argv:
         print_help(argv)
         sys.exit(0)
-    parser = get_args_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_yaml(pre.config, parser))
-    args = parser.parse_args(argv)
-    for name, wrong, meaning in REFUSED:
-        if wrong(getattr(args, name)):
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: {meaning}")
-    return args
+    return parse_flags(get_args_parser(), argv, REFUSED)
 
 
 def print_help(argv):
     parser = get_args_parser()
-    args = parse_args([arg for arg in argv if arg not in ("-h", "--help")])
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.option_strings and action.dest not in ("help", "config") and value != action.default:
-            action.help = f"{action.help} [this command: {str(value).replace('%', '%%')}]"
+    mark_this_command(parser, parse_args([arg for arg in argv if arg not in ("-h", "--help")]))
     parser.print_help()

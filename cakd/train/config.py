@@ -384,16 +384,36 @@ def load_yaml(path, parser, _seen=()):
     return defaults
 
 
+def parse_flags(parser, argv, refused):
+    """``argv`` over its ``--config`` YAML over the parser's defaults, then every ``refused``
+    ``(flag, test, what to give instead)`` checked: one ``error:`` line and exit 2 for a value that
+    cannot mean what it says, before anything is built. Both trainers parse through it."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_yaml(pre.config, parser))
+    args = parser.parse_args(argv)
+    for flag, wrong, meaning in refused:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and wrong(value):
+            parser.error(f"{flag} {value}: {meaning}")
+    return args
+
+
+def mark_this_command(parser, args):
+    """Mark in ``parser``'s help each flag whose value in ``args`` is not its default."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and action.dest not in ("help", "config") and value != action.default:
+            action.help = f"{action.help} [this command: {str(value).replace('%', '%%')}]"
+
+
 def print_help(argv):
     """``--help`` that also says what this command line runs: each flag its ``--config`` YAML or
     its other flags set is marked ``[this command: VALUE]``, so an experiment script's ``--help``
     shows the recipe it launches, not only the bare defaults."""
     parser = get_args_parser()
     args = parse_args([arg for arg in argv if arg not in ("-h", "--help")])
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if action.option_strings and action.dest not in ("help", "config") and value != action.default:
-            action.help = f"{action.help} [this command: {str(value).replace('%', '%%')}]"
+    mark_this_command(parser, args)
     if args.config:
         parser.description += f". Values marked [this command: ...] are what this command line runs ({args.config} and its flags)"
     parser.print_help()
@@ -418,14 +438,7 @@ def parse_args(argv=None):
         print_help(argv)
         sys.exit(0)
     parser = get_args_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_yaml(pre.config, parser))
-    args = parser.parse_args(argv)
-    for flag, wrong, meaning in REFUSED:
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None and wrong(value):
-            parser.error(f"{flag} {value}: {meaning}")
+    args = parse_flags(parser, argv, REFUSED)
     if "nesterov" in args.opt.lower() and args.momentum == 0:  # torch.optim.SGD refuses it, after the models are built
         parser.error(f"--opt {args.opt} with --momentum 0: Nesterov momentum needs a momentum above 0; give one, or use --opt sgd")
     return args
