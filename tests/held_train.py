@@ -1,4 +1,5 @@
-"""``python tests/held_train.py FLAGS``: the trainer, held after the progress line that holds
+"""``python tests/held_train.py FLAGS``: the trainer (``$HOLD_TRAINER``: ``cakd.train``, the default,
+or ``cakd.detection``), held after the progress line that holds
 ``$HOLD_AFTER`` until the file ``$HOLD_RELEASE`` exists, so that a test signals it at a known
 point instead of racing a live run (which may have finished its epoch, or merged two Ctrl-Cs
 into one, by the time the signal lands).
@@ -7,13 +8,13 @@ While held it says, on a line of its own, each new state of the trainer's stop r
 (``held: requested R, interrupts N``): once its signal handler has run, not merely once the
 signal was sent.
 """
+import importlib
 import os
 import signal
 import sys
 import time
 
 from cakd.train import logging as progress
-from cakd.train.trainer import main
 
 AFTER, RELEASE = os.environ["HOLD_AFTER"], os.environ["HOLD_RELEASE"]
 print_main = progress.print_main
@@ -38,4 +39,5 @@ def print_then_hold(*args, **kwargs):
 
 progress.print_main = print_then_hold  # MetricLogger.log_every looks it up when it prints
 if __name__ == "__main__":
-    sys.exit(main())
+    trainer = {"cakd.train": "cakd.train.trainer", "cakd.detection": "cakd.detection.trainer"}[os.environ.get("HOLD_TRAINER", "cakd.train")]
+    sys.exit(importlib.import_module(trainer).main())

@@ -7,7 +7,6 @@ interpolated precision, IoU thresholds 0.50:0.05:0.95), never against the code u
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -225,22 +224,25 @@ def test_a_bf16_run_writes_its_folder_and_test_only_agrees(tiny, tmp_path, capsy
 
 
 # ---- (d), (e) two processes under the launcher, SIGTERM mid-epoch, exact resume ------------------
-def launch(args):
+def launch(args, held=False):
+    """The launcher's command line; ``held``: the ranks run tests/held_train.py, rank 0 held after a
+    progress line until the test lets it go."""
     from test_train import free_port
 
+    entry = [os.path.join(ROOT, "tests", "held_train.py")] if held else ["-m", "cakd.detection"]
     return [sys.executable, "-m", "cakd.train.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), "-m", "cakd.detection", *args]
+            "--master_port", str(free_port()), *entry, *args]
 
 
-def run(cmd, marker=None, act=None, limit=300):
-    """``cmd`` in its own session, ``act(proc)`` once a stdout line holds ``marker``; (status, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT, start_new_session=True)
+def run(cmd, act=None, env=None, limit=300):
+    """``cmd`` in its own session, ``act(proc, line)`` on each stdout line; (status, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})},
+                            cwd=ROOT, start_new_session=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if marker is not None and marker in line:
-            act(proc)
-            marker = None
+        if act is not None:
+            act(proc, line)
     return proc.wait(timeout=limit), "".join(lines), proc.stderr.read()
 
 
@@ -251,11 +253,19 @@ def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tin
     flags = ["--iters-per-epoch", "0", "--resume", "auto"]  # 16 images / (2 x 2) = 4 steps an epoch
     code, stdout, stderr = run(launch(small_flags(tiny, full) + flags))
     assert code == 0 and "2 process(es) x 2 images = 4 per step" in stdout, stderr[-3000:]
-    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags), "Epoch: [0] [0/4]",
-                               lambda proc: proc.send_signal(signal.SIGTERM))
+    release = str(tmp_path / "release")
+
+    def act(proc, line):  # rank 0 is held after step 0's line: SIGTERM, then let go once its handler ran
+        if line.startswith("held: requested False"):
+            proc.send_signal(signal.SIGTERM)
+        elif line.startswith("held: requested True"):
+            open(release, "w").close()
+
+    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags, held=True), act,
+                               env={"HOLD_TRAINER": "cakd.detection", "HOLD_AFTER": "Epoch: [0] [0/4]", "HOLD_RELEASE": release})
     assert code == 0 and stderr.strip() == "", stderr[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
-    assert 2 <= step < 4 and f"SIGTERM: saved epoch 0 step {step}" in stdout  # the first check after it: step 1's
+    assert step == 2 and "SIGTERM: saved epoch 0 step 2" in stdout  # the first check after it: step 1's
     code, stdout, stderr = run(launch(small_flags(tiny, out) + flags))
     assert code == 0 and f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in stdout, stderr[-3000:]
     assert_same_state(torch.load(os.path.join(full, "checkpoint.pth"), weights_only=True),

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -130,6 +131,15 @@ def run(cmd, marker=None, act=None, tmp_path=None, limit=400, env=None, every=Fa
     return proc.returncode, "".join(lines), open(err_path).read()
 
 
+def gone(pid):
+    """Whether process ``pid`` has ended (a zombie counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
 def step_of(out):
     return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
 
@@ -197,15 +207,24 @@ def test_ctrl_c_at_the_launcher_saves_a_second_stops_and_the_resume_is_exact(dat
 
 
 def test_killed_rank_restarts_from_the_last_checkpoint(data, uninterrupted, tmp_path):
+    """Rank 1 killed while rank 0 is held after epoch 1's step 2 (tests/held_train.py), so the kill
+    lands mid-epoch however fast the run goes; rank 0 is let go once rank 1 is gone."""
     out = str(tmp_path / "run")
+    release = os.path.join(str(tmp_path), "release")
 
-    def kill_rank_1(proc):
+    def kill_rank_1(proc, line):
+        if os.path.exists(release):  # done (this line: the launcher's stop reached rank 0 while held)
+            return
         for pid in children(proc.pid):
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if b"RANK=1" in f.read().split(b"\0"):
                     os.kill(pid, signal.SIGKILL)
+                    while not gone(pid):
+                        time.sleep(0.01)
+        open(release, "w").close()
 
-    code, stdout, stderr = run(launch(flags(data, out), ["--max-restarts", "1"]), "Epoch: [1] [2/", kill_rank_1, tmp_path)
+    code, stdout, stderr = run(launch(flags(data, out), ["--max-restarts", "1"], held=True), "held: requested", kill_rank_1,
+                               tmp_path, env={"HOLD_AFTER": "Epoch: [1] [2/", "HOLD_RELEASE": release}, every=True)
     assert code == 0, stderr[-3000:]
     assert "torchrun restart 1 of 1" in stdout and f"resumed from {out}/checkpoint.pth: epoch 1, step 0" in stdout
     # rank 0 says its peer is gone, once (the killed rank's orphaned loader workers may add noise of their own)
