@@ -224,34 +224,14 @@ def test_a_bf16_run_writes_its_folder_and_test_only_agrees(tiny, tmp_path, capsy
 
 
 # ---- (d), (e) two processes under the launcher, SIGTERM mid-epoch, exact resume ------------------
-def launch(args, held=False):
-    """The launcher's command line; ``held``: the ranks run tests/held_train.py, rank 0 held after a
-    progress line until the test lets it go."""
-    from test_train import free_port
-
-    entry = [os.path.join(ROOT, "tests", "held_train.py")] if held else ["-m", "cakd.detection"]
-    return [sys.executable, "-m", "cakd.train.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *entry, *args]
-
-
-def run(cmd, act=None, env=None, limit=300):
-    """``cmd`` in its own session, ``act(proc, line)`` on each stdout line; (status, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})},
-                            cwd=ROOT, start_new_session=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if act is not None:
-            act(proc, line)
-    return proc.wait(timeout=limit), "".join(lines), proc.stderr.read()
-
-
 def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tiny, tmp_path):
+    """The launcher and its output as tests/test_preemption.py runs them for the classification trainer."""
+    from test_preemption import launch, run
     from test_train import assert_same_state
 
     full, out = str(tmp_path / "full"), str(tmp_path / "out")
     flags = ["--iters-per-epoch", "0", "--resume", "auto"]  # 16 images / (2 x 2) = 4 steps an epoch
-    code, stdout, stderr = run(launch(small_flags(tiny, full) + flags))
+    code, stdout, stderr = run(launch(small_flags(tiny, full) + flags, trainer="cakd.detection"), tmp_path=tmp_path)
     assert code == 0 and "2 process(es) x 2 images = 4 per step" in stdout, stderr[-3000:]
     release = str(tmp_path / "release")
 
@@ -261,12 +241,12 @@ def test_two_processes_under_the_launcher_stop_on_sigterm_and_resume_exactly(tin
         elif line.startswith("held: requested True"):
             open(release, "w").close()
 
-    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags, held=True), act,
+    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags, held=True), "held: requested", act, tmp_path, every=True,
                                env={"HOLD_TRAINER": "cakd.detection", "HOLD_AFTER": "Epoch: [0] [0/4]", "HOLD_RELEASE": release})
     assert code == 0 and stderr.strip() == "", stderr[-3000:]
     step = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["step"]
     assert step == 2 and "SIGTERM: saved epoch 0 step 2" in stdout  # the first check after it: step 1's
-    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags))
+    code, stdout, stderr = run(launch(small_flags(tiny, out) + flags, trainer="cakd.detection"), tmp_path=tmp_path)
     assert code == 0 and f"resumed from {out}/checkpoint.pth: epoch 0, step {step}" in stdout, stderr[-3000:]
     assert_same_state(torch.load(os.path.join(full, "checkpoint.pth"), weights_only=True),
                       torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True), skip={".args.output_dir"})

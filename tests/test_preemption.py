@@ -14,6 +14,7 @@ import torch
 
 from cakd.train.launch import children
 from make_image_folder import make_image_folder
+from test_run_folder import gone
 from test_train import RANDOM_TEACHER, ROOT, assert_same_state, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
@@ -63,9 +64,10 @@ def test_an_epoch_replays_from_any_position_with_any_workers(data):
     assert not torch.equal(whole[0][0], batches(0, epoch=2)[0][0])
 
 
-def launch(args, torchrun_flags=(), held=False):
-    """The launcher's command line; ``held``: the ranks run tests/held_train.py (see :func:`run_held`)."""
-    entry = [os.path.join(ROOT, "tests", "held_train.py")] if held else ["-m", "cakd.train"]
+def launch(args, torchrun_flags=(), held=False, trainer="cakd.train"):
+    """The launcher's command line for ``trainer`` (``cakd.train`` or ``cakd.detection``); ``held``:
+    the ranks run tests/held_train.py (see :func:`run_held`; ``$HOLD_TRAINER`` names the trainer)."""
+    entry = [os.path.join(ROOT, "tests", "held_train.py")] if held else ["-m", trainer]
     return [sys.executable, "-m", "cakd.train.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), *torchrun_flags, *entry, *args]
 
@@ -129,15 +131,6 @@ def run(cmd, marker=None, act=None, tmp_path=None, limit=400, env=None, every=Fa
         proc.wait()
         watchdog.cancel()
     return proc.returncode, "".join(lines), open(err_path).read()
-
-
-def gone(pid):
-    """Whether process ``pid`` has ended (a zombie counts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
-    except FileNotFoundError:
-        return True
 
 
 def step_of(out):

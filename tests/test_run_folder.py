@@ -78,19 +78,28 @@ def contents(folder):
     return found
 
 
+def state_of(stat):
+    """The state letter in a ``/proc/.../stat`` file (after the name, which may hold ")"), or
+    None when that process or thread has ended."""
+    try:
+        with open(stat) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 def frozen(pid):
     """Wait until every thread of process ``pid`` is stopped (SIGSTOP): it writes nothing more."""
     while True:
-        states = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except FileNotFoundError:  # a thread that ended meanwhile
-                pass
-        if all(state in "tTZX" for state in states):  # stopped (or gone)
+        states = [state_of(f"/proc/{pid}/task/{task}/stat") for task in os.listdir(f"/proc/{pid}/task")]
+        if all(state is None or state in "tTZX" for state in states):  # stopped (or gone)
             return
         time.sleep(0.01)
+
+
+def gone(pid):
+    """Whether process ``pid`` has ended (a zombie counts)."""
+    return state_of(f"/proc/{pid}/stat") in (None, "Z", "X")
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(data, tmp_path, capsys):
